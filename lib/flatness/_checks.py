@@ -1,0 +1,89 @@
+"""Input validation shared by the whole package.
+
+Every check raises ``ValueError`` (or ``TypeError`` for wrong types) with a message of the form
+``"<function>: <parameter>=<got> <what is wrong>; expected <what is allowed>"``, so that a user sees
+which argument to change and to what.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_choice(fn: str, name: str, value, allowed: Iterable) -> None:
+    """Raise unless ``value`` is one of ``allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{fn}: unknown {name}={value!r}; allowed values are {allowed}")
+
+
+def check_int(fn: str, name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Raise unless ``value`` is an integer in ``[minimum, maximum]``; return it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+        isinstance(value, float) and value.is_integer()
+    ):
+        raise TypeError(f"{fn}: {name}={value!r} must be an integer")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name}={value} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{fn}: {name}={value} exceeds the maximum {maximum}")
+    return value
+
+
+def check_positive(fn: str, name: str, value, *, allow_zero: bool = False) -> float:
+    """Raise unless ``value`` is a finite real number > 0 (or >= 0 with ``allow_zero``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: {name}={value!r} must be a real number") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{fn}: {name}={value!r} must be finite and {bound}")
+    return v
+
+
+def check_finite(fn: str, name: str, t: Tensor) -> None:
+    """Raise if a tensor holds NaN or infinite values."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        if not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{fn}: {name} holds {n_bad} non-finite value(s) (NaN or inf)")
+
+
+def check_ndim(fn: str, name: str, t: Tensor, ndim: int | Sequence[int], shape_doc: str) -> None:
+    """Raise unless ``t.ndim`` is ``ndim`` (or one of them); ``shape_doc`` is e.g. ``"(N, D)"``."""
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if not torch.is_tensor(t):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if t.ndim not in allowed:
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; expected {shape_doc}")
+
+
+def check_same_length(fn: str, names: Sequence[str], *tensors: Tensor) -> None:
+    """Raise unless all tensors share their first dimension."""
+    lengths = [len(t) for t in tensors]
+    if len(set(lengths)) > 1:
+        got = ", ".join(f"{n}: {l}" for n, l in zip(names, lengths))
+        raise ValueError(f"{fn}: first dimensions differ ({got}); they must be equal")
+
+
+def check_data(fn: str, data) -> tuple[Tensor, Tensor]:
+    """Validate a ``(x, y)`` pair of tensors with matching first dimension and finite ``x``."""
+    try:
+        x, y = data
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: data must be a pair (x, y) of tensors, got {type(data).__name__}") from None
+    if not (torch.is_tensor(x) and torch.is_tensor(y)):
+        raise TypeError(f"{fn}: data must be a pair (x, y) of tensors")
+    if len(x) == 0:
+        raise ValueError(f"{fn}: data is empty (x has 0 rows); expected at least one example")
+    check_same_length(fn, ("x", "y"), x, y)
+    check_finite(fn, "x", x)
+    return x, y
