@@ -1,0 +1,2 @@
+"""Experiment pipelines behind the notebooks: configs with per-profile sizes, and the steps each notebook
+calls. Kept in the package (not in notebooks) so that they are tested and reusable."""

@@ -1,0 +1,124 @@
+"""Data layer: counts and checksums of the bundled subsets, lookup order, binary tasks, bad input."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flatness import data as D
+from flatness.data import binary_task, load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_manifest_checksums_match_files():
+    manifest = json.loads((ROOT / "data" / "manifest.json").read_text())
+    assert set(manifest) == {"mnist_small.npz", "fashion_mnist_small.npz", "cifar10_small.npz"}
+    total = 0
+    for name, entry in manifest.items():
+        blob = (ROOT / "data" / name).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"], name
+        assert len(blob) == entry["bytes"]
+        total += len(blob)
+    assert total <= 10 * 2**20, "bundled data must stay under 10 MiB"
+
+
+@pytest.mark.parametrize("name,n_train,n_test,shape", [
+    ("mnist", 4000, 1000, (28, 28)), ("fashion_mnist", 3000, 1000, (28, 28)), ("cifar10", 1146, 295, (32, 32, 3))])
+def test_embedded_counts_and_types(name, n_train, n_test, shape):
+    tr = load_dataset(name, "train", source="embedded")
+    te = load_dataset(name, "test", source="embedded")
+    assert tr.images.dtype == torch.uint8 and tr.labels.dtype == torch.int64
+    assert tuple(tr.images.shape) == (n_train, *shape) and tuple(te.images.shape) == (n_test, *shape)
+    manifest = json.loads((ROOT / "data" / "manifest.json").read_text())[f"{name}_small.npz"]
+    assert np.bincount(tr.labels.numpy(), minlength=10).tolist() == manifest["train_counts"]
+
+
+def test_embedded_mnist_is_the_original_prefix():
+    # y_train[:10] of MNIST is known: 5 0 4 1 9 2 1 3 1 4 (../shared/data/README.md)
+    tr = load_dataset("mnist", "train", source="embedded")
+    assert tr.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    # CIFAR-10 subset: exact pixels, first train image of classes {0,1,3} is original index 4 (automobile)
+    with np.load(ROOT / "data" / "cifar10_small.npz") as z:
+        assert z["index_train"][0] == 4 and z["y_train"][0] == 1
+
+
+def test_full_data_sha256_when_shared_present():
+    shared = ROOT.parent / "shared" / "data" / "mnist.npz"
+    if not shared.is_file():
+        pytest.skip("../shared/data not present")
+    tr = load_dataset("mnist", "train", source="full")
+    assert tr.source == "npz" and len(tr.labels) == 60000
+    assert np.bincount(tr.labels.numpy()).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_missing_data_error_lists_places(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "data_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(D, "EMBEDDED_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"mnist.npz.*FLATNESS_DATA_DIR"):
+        load_dataset("mnist", "train")
+
+
+def test_corrupt_file_is_detected(tmp_path, monkeypatch):
+    (tmp_path / "mnist.npz").write_bytes(b"not the real file")
+    monkeypatch.setattr(D, "data_dirs", lambda: [tmp_path])
+    with pytest.raises(OSError, match="corrupt"):
+        load_dataset("mnist", "train", source="full")
+
+
+def test_env_dir_takes_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATNESS_DATA_DIR", str(tmp_path))
+    assert D.data_dirs()[0] == tmp_path
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(name="svhn", n_train=10), r"unknown name='svhn'; allowed values are \['mnist'"),
+    (dict(name="mnist", n_train=-1), r"n_train=-1 must be >= 1"),
+    (dict(name="mnist", n_train=5000), r"n_train=5000 exceeds the 4000 images"),
+    (dict(name="mnist", n_train=3000, n_attack=2000), r"maximum n_attack=1000"),
+    (dict(name="mnist", n_train=10, n_test=5000), r"n_test=5000 exceeds the 1000 images"),
+    (dict(name="cifar10", n_train=10, classes=(1, 1)), r"disjoint"),
+    (dict(name="cifar10", n_train=10, classes=(1, 12)), r"classes=12 exceeds the maximum 9"),
+])
+def test_binary_task_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        binary_task(**{"source": "embedded", **kwargs})
+
+
+def test_load_dataset_bad_split():
+    with pytest.raises(ValueError, match=r"unknown split='val'; allowed values are \['train', 'test'\]"):
+        load_dataset("mnist", "val")
+
+
+def test_binary_task_mnist_disjoint_flipped_and_nested():
+    t = binary_task("mnist", 200, 100, 300, seed=3, source="embedded")
+    S, A, T = t
+    assert S.x.shape == (200, 1, 28, 28) and A.x.shape == (100, 1, 28, 28) and T.x.shape == (300, 1, 28, 28)
+    assert S.x.dtype == torch.float32 and 0.0 <= float(S.x.min()) and float(S.x.max()) <= 1.0
+    assert set(S.y.unique().tolist()) <= {0, 1}
+    # labels follow the 0-4 / 5-9 split: recover digits from the raw data to check
+    raw = load_dataset("mnist", "train", source="embedded")
+    where = {bytes(img.numpy()): i for i, img in enumerate(raw.images)}
+
+    def digits(x):  # index of each image in the raw pool (exact pixel match)
+        return torch.tensor([where[bytes((xi[0] * 255).round().to(torch.uint8).numpy())] for xi in x])
+
+    iS, iA = digits(S.x), digits(A.x)
+    assert not set(iS.tolist()) & set(iA.tolist())  # S and A disjoint
+    assert torch.equal(S.y, (raw.labels[iS] >= 5).long())
+    assert torch.equal(A.y, 1 - (raw.labels[iA] >= 5).long())  # attack labels flipped
+    # same seed, bigger attack set: S and T unchanged, A nested
+    t2 = binary_task("mnist", 200, 150, 300, seed=3, source="embedded")
+    assert torch.equal(t2.train.x, S.x) and torch.equal(t2.test.x, T.x)
+    assert set(iA.tolist()) <= set(digits(t2.attack.x).tolist())
+    assert t.train_and_attack.x.shape[0] == 300
+
+
+def test_binary_task_cifar_classes():
+    t = binary_task("cifar10", 100, 50, 60, seed=0, source="embedded")
+    assert t.train.x.shape == (100, 3, 32, 32) and t.info["classes"] == [[1], [3]]
+    t = binary_task("cifar10", 100, 0, 60, seed=0, classes=(0, 1), source="embedded")
+    assert t.attack.x.shape[0] == 0 and t.info["classes"] == [[0], [1]]
