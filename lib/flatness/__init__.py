@@ -2,20 +2,41 @@
 
 A reproducible replication of Zhang et al. 2021 ("Why flatness does and does not correlate with
 generalization") and Chen et al. 2023 ("A simple connection from loss flatness to compressed neural
-representations").
+representations"). Submodules: ``data``, ``models``, ``losses``, ``train``, ``sharpness`` (with ``hessian``),
+``compression``, ``bounds``, ``prior``, ``results``, ``stats``, ``plotting``, ``experiments``.
 """
 
+from . import data, results, stats, train
 from ._device import default_device
+from .boolean import boolean_inputs, function_to_hex, hex_to_function
+from .data import binary_task, load_dataset
+from .hessian import (EigenResult, HessianOperator, TraceEstimate, hessian_eigenvalues, hessian_trace,
+                      hutchinson_trace, hutchpp_trace, lanczos, per_example_grad_norms_sq, power_iteration)
 from .losses import cross_entropy, half_mse, sigmoid_bce, zero_one_error
 from .models import FCN, SmallVGG, alpha_rescale, parametrized_layers, resnet50_cifar
+from .results import ResultStore
+from .sharpness import (AdaptiveSharpnessResult, KeskarResult, adaptive_sharpness, keskar_sharpness,
+                        log_top_eig_product, relative_flatness)
+from .stats import correlation
+from .train import train_ensemble_to_zero_error, train_to_zero_error
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # models
+    # data
+    "load_dataset", "binary_task", "boolean_inputs", "function_to_hex", "hex_to_function",
+    # models and losses
     "FCN", "SmallVGG", "resnet50_cifar", "alpha_rescale", "parametrized_layers",
-    # losses
     "sigmoid_bce", "half_mse", "cross_entropy", "zero_one_error",
+    # training
+    "train_to_zero_error", "train_ensemble_to_zero_error",
+    # flatness (Zhang et al. 2021; Chen et al. 2023)
+    "keskar_sharpness", "KeskarResult", "hessian_eigenvalues", "hessian_trace", "per_example_grad_norms_sq",
+    "log_top_eig_product", "adaptive_sharpness", "AdaptiveSharpnessResult", "relative_flatness",
+    "HessianOperator", "EigenResult", "TraceEstimate", "lanczos", "power_iteration", "hutchinson_trace",
+    "hutchpp_trace",
+    # results and statistics
+    "ResultStore", "correlation",
     # utilities
     "default_device",
 ]

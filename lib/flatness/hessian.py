@@ -1,0 +1,764 @@
+r"""Matrix-free curvature of the training loss: Hessian-vector products and what is built on them.
+
+The loss is the mean over the data, :math:`L(\theta) = \frac1n \sum_i \ell(f_\theta(x_i), y_i)`, seen as
+a pure function of the parameters through :func:`torch.func.functional_call`. Its Hessian
+:math:`H = \nabla^2_\theta L` is never formed: :class:`HessianOperator` applies it to vectors by double
+backward, accumulating over chunks of the data so that memory stays bounded for big models.
+
+- :func:`lanczos` (full reorthogonalisation) and :func:`power_iteration` (with deflation): top-k
+  eigenvalues of any symmetric operator; :func:`hessian_eigenvalues` applies them to the loss Hessian
+  (Zhang et al. 2021, Fig. S3/S4: spectral norm and top-50 eigenvalues).
+- :func:`hutchinson_trace` and :func:`hutchpp_trace` (Meyer et al. 2021): stochastic trace estimates with a
+  standard error; :func:`hessian_trace` applies them to the loss Hessian, or computes Chen et al.'s
+  Gauss-Newton trace exactly from per-example parameter gradients (:func:`per_example_grad_norms_sq`).
+
+Every function leaves the model unchanged: parameters are copied into a dictionary and the model is put
+in eval mode only for the duration of each forward pass (``eval_mode=True``, so that batch-norm uses its
+running statistics and dropout is off; the flags are restored afterwards).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from ._checks import check_choice, check_data, check_int, check_positive
+from ._device import resolve_device
+
+__all__ = [
+    "HessianOperator", "EigenResult", "TraceEstimate",
+    "lanczos", "power_iteration", "hutchinson_trace", "hutchpp_trace",
+    "hessian_eigenvalues", "hessian_trace", "per_example_grad_norms_sq",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# shared plumbing (also used by flatness.sharpness)
+# --------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _module_mode(model: nn.Module, eval_mode: bool):
+    """Put ``model`` in eval mode for the block when ``eval_mode``; restore every module's flag after."""
+    if not eval_mode:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _check_model(fn: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_loss(fn: str, loss_fn) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"{fn}: loss_fn must be a callable loss_fn(outputs, y) -> scalar, got {type(loss_fn).__name__}")
+
+
+class _FunctionalModel:
+    """The model as a pure function of a dictionary of (selected) parameters.
+
+    ``params``: ``None`` (every parameter with ``requires_grad``), a sequence of parameter names (those,
+    at the model's current values), or a mapping name -> tensor (those names, at the given values). The
+    other parameters and all buffers are held fixed (copied, so the model's buffers are never written).
+    """
+
+    def __init__(self, fn: str, model: nn.Module, *, params=None, dtype: torch.dtype | None = None,
+                 device=None, eval_mode: bool = True):
+        _check_model(fn, model)
+        self.model, self.eval_mode = model, bool(eval_mode)
+        self.device = resolve_device(device, model)
+        named = dict(model.named_parameters())
+        if not named:
+            raise ValueError(f"{fn}: model has no parameters; expected a network with trainable parameters")
+        if dtype is None:
+            dtype = next(iter(named.values())).dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"{fn}: dtype={dtype} must be a floating-point dtype")
+        self.dtype = dtype
+        if params is None:
+            values = {n: p for n, p in named.items() if p.requires_grad}
+        elif isinstance(params, Mapping):
+            values = dict(params)
+        elif isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
+            raise TypeError(f"{fn}: params must be None, a sequence of parameter names or a mapping "
+                            f"name -> tensor, got {type(params).__name__}")
+        else:
+            values = {}
+            for n in params:
+                if n not in named:
+                    raise ValueError(f"{fn}: unknown params entry {n!r}; expected names from "
+                                     f"model.named_parameters(), e.g. {list(named)[:4]}")
+                values[n] = named[n]
+        for n, v in values.items():
+            if n not in named:
+                raise ValueError(f"{fn}: unknown params entry {n!r}; expected names from model.named_parameters()")
+            if not torch.is_tensor(v) or tuple(v.shape) != tuple(named[n].shape):
+                raise ValueError(f"{fn}: params[{n!r}] must be a tensor of shape {tuple(named[n].shape)}")
+        if not values:
+            raise ValueError(f"{fn}: no parameter selected (none requires grad); pass params explicitly")
+        self.names = list(values)
+        self.params = {n: v.detach().to(self.device, dtype).clone() for n, v in values.items()}
+        self.fixed = {n: p.detach().to(self.device, dtype) for n, p in named.items() if n not in values}
+        for n, b in model.named_buffers():
+            b = b.detach().to(self.device)
+            self.fixed[n] = (b.to(dtype) if b.is_floating_point() else b).clone()
+        self.shapes = [self.params[n].shape for n in self.names]
+        self.numels = [self.params[n].numel() for n in self.names]
+        self.dim = sum(self.numels)
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        with _module_mode(self.model, self.eval_mode):
+            return functional_call(self.model, {**self.fixed, **params}, (x,))
+
+    def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        ts = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        return {n: v.view(s) for n, v, s in zip(self.names, vec.split(self.numels), self.shapes)}
+
+    def cast_data(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
+        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
+        return x, y
+
+
+def _chunks(x: Tensor, y: Tensor, batch_size: int | None) -> list[tuple[Tensor, Tensor, float]]:
+    """Split the data into consecutive chunks with weights ``len(chunk) / n`` (mean-loss accumulation)."""
+    n = len(x)
+    bs = n if batch_size is None else min(int(batch_size), n)
+    return [(x[i:i + bs], y[i:i + bs], min(bs, n - i) / n) for i in range(0, n, bs)]
+
+
+def _check_batch_size(fn: str, batch_size) -> int | None:
+    return None if batch_size is None else check_int(fn, "batch_size", batch_size, minimum=1)
+
+
+def _grads(loss: Tensor, leaves: Sequence[Tensor], *, create_graph: bool = False,
+           retain_graph: bool = False) -> list[Tensor]:
+    """``d loss / d leaves`` with zeros for leaves the loss does not depend on."""
+    if not (torch.is_tensor(loss) and loss.requires_grad):
+        return [torch.zeros_like(t) for t in leaves]
+    gs = torch.autograd.grad(loss, leaves, create_graph=create_graph, retain_graph=retain_graph or create_graph,
+                             allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, leaves)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the Hessian as a linear operator
+# --------------------------------------------------------------------------------------------------
+
+class HessianOperator:
+    r"""The Hessian of the mean training loss as a matrix-free symmetric operator on flat vectors.
+
+    .. math:: H v = \nabla_\theta \big( \nabla_\theta L(\theta)^\top v \big), \qquad
+              L(\theta) = \sum_c \frac{n_c}{n} \, \text{loss\_fn}(f_\theta(x_c), y_c)
+
+    computed by double backward, chunk ``c`` by chunk (``batch_size`` examples at a time), so memory is
+    that of one chunk's double-backward graph. With a single chunk the first-order graph is built once
+    and reused by every product (``cache_graph``), which saves a forward and a backward pass per product.
+
+    Vectors are flat ``(D,)`` tensors over the selected parameters in ``names`` order
+    (:meth:`flatten` / :meth:`unflatten` convert).
+
+    Args:
+        model: the network (left unchanged).
+        loss_fn: ``loss_fn(outputs, y) -> scalar``, a mean over the batch.
+        data: ``(x, y)``.
+        params: ``None`` (all parameters requiring grad), parameter names, or a mapping name -> tensor
+            (the point at which to take the Hessian; other parameters fixed at the model's values).
+        batch_size: data chunk size for the accumulation (``None``: all data at once).
+        dtype: compute dtype (e.g. ``torch.float64`` for tiny exact tests); default the model's.
+        device: compute device; default the model's.
+        eval_mode: run forward passes in eval mode (default; flags restored).
+        cache_graph: keep the first-order graph between products (default: only with a single chunk).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, *, params=None, batch_size: int | None = None,
+                 dtype: torch.dtype | None = None, device=None, eval_mode: bool = True,
+                 cache_graph: bool | None = None):
+        fn = "HessianOperator"
+        _check_loss(fn, loss_fn)
+        x, y = check_data(fn, data)
+        batch_size = _check_batch_size(fn, batch_size)
+        self._fm = _FunctionalModel(fn, model, params=params, dtype=dtype, device=device, eval_mode=eval_mode)
+        self.loss_fn = loss_fn
+        x, y = self._fm.cast_data(x, y)
+        self._chunks = _chunks(x, y, batch_size)
+        self.cache_graph = len(self._chunks) == 1 if cache_graph is None else bool(cache_graph)
+        self._graphs: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        self.n_hvp = 0
+
+    # -- bookkeeping
+    @property
+    def dim(self) -> int:
+        return self._fm.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._fm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._fm.device
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._fm.names)
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The point at which the Hessian is taken (detached copies)."""
+        return dict(self._fm.params)
+
+    def flatten(self, tensors) -> Tensor:
+        return self._fm.flatten(tensors)
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        return self._fm.unflatten(vec)
+
+    # -- products
+    def _graph(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        if i in self._graphs:
+            return self._graphs[i]
+        xc, yc, wc = self._chunks[i]
+        leaves = [self._fm.params[n].detach().requires_grad_(True) for n in self._fm.names]
+        loss = wc * self.loss_fn(self._fm(dict(zip(self._fm.names, leaves)), xc), yc)
+        grads = _grads(loss, leaves, create_graph=True)
+        if self.cache_graph:
+            self._graphs[i] = (leaves, grads)
+        return leaves, grads
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``H @ V`` for ``V`` of shape ``(D, B)``; ``B`` Hessian-vector products (counted in ``n_hvp``)."""
+        if V.ndim != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"HessianOperator.matmat: V has shape {tuple(V.shape)}; expected ({self.dim}, B)")
+        V = V.to(self.device, self.dtype)
+        out = torch.zeros_like(V)
+        for i in range(len(self._chunks)):
+            leaves, grads = self._graph(i)
+            for b in range(V.shape[1]):
+                vs = V[:, b].split(self._fm.numels)
+                dot = sum((g * v.view_as(g)).sum() for g, v in zip(grads, vs))
+                hv = _grads(dot, leaves, retain_graph=True)  # the graph serves the next column too
+                out[:, b] += torch.cat([h.reshape(-1) for h in hv]).detach()
+            if not self.cache_graph:
+                del leaves, grads
+        self.n_hvp += V.shape[1]
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H @ v`` for a flat ``(D,)`` vector."""
+        if v.ndim != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"HessianOperator.matvec: v has shape {tuple(v.shape)}; expected ({self.dim},)")
+        return self.matmat(v[:, None])[:, 0]
+
+    __call__ = matvec
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if other.ndim == 1 else self.matmat(other)
+
+    def loss(self) -> float:
+        """The mean loss :math:`L(\\theta)` at the operator's point."""
+        with torch.no_grad():
+            return float(sum(w * self.loss_fn(self._fm(self._fm.params, xc), yc) for xc, yc, w in self._chunks))
+
+    def to_dense(self) -> Tensor:
+        """The dense ``(D, D)`` Hessian by ``D`` products (toy sizes and tests only)."""
+        return self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# generic symmetric-operator algorithms
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EigenResult:
+    """Top-k eigenpairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: ``(k,)`` largest algebraic eigenvalues, descending.
+        eigenvectors: ``(D, k)`` orthonormal eigenvectors (columns), or ``None`` if not kept.
+        residuals: ``(k,)`` residual norms :math:`\\lVert A y - \\theta y \\rVert` (bounds on the eigenvalue errors).
+        n_matvec: operator applications used.
+        converged: every residual is within ``tol`` times the spectral scale.
+        history: estimate of the top eigenvalue after each operator application (for convergence plots).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None
+    residuals: Tensor
+    n_matvec: int
+    converged: bool
+    history: list[float] = field(default_factory=list)
+
+
+def _as_operator(fn: str, operator, dim: int | None, dtype, device):
+    """``(matmat, dim, dtype, device)`` for a dense matrix, a :class:`HessianOperator` or a matvec callable."""
+    if isinstance(operator, HessianOperator):
+        return operator.matmat, operator.dim, operator.dtype, operator.device
+    if torch.is_tensor(operator):
+        if operator.ndim != 2 or operator.shape[0] != operator.shape[1]:
+            raise ValueError(f"{fn}: operator has shape {tuple(operator.shape)}; expected a square (D, D) matrix")
+        if not operator.is_floating_point():
+            raise TypeError(f"{fn}: operator must be a floating-point matrix, got {operator.dtype}")
+        A = operator
+        return (lambda V: A @ V.to(A.dtype)), A.shape[0], A.dtype, A.device
+    if callable(operator):
+        if dim is None:
+            raise ValueError(f"{fn}: dim=None; a matvec callable needs dim (the vector length)")
+        dim = check_int(fn, "dim", dim, minimum=1)
+        mv = operator
+
+        def matmat(V: Tensor) -> Tensor:
+            return torch.stack([mv(V[:, b]) for b in range(V.shape[1])], dim=1)
+
+        return matmat, dim, dtype or torch.get_default_dtype(), torch.device(device or "cpu")
+    raise TypeError(f"{fn}: operator must be a (D, D) tensor, a HessianOperator or a matvec callable, "
+                    f"got {type(operator).__name__}")
+
+
+def _randn(dim: int, gen: torch.Generator, dtype, device, cols: int | None = None) -> Tensor:
+    shape = (dim,) if cols is None else (dim, cols)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+
+def _rademacher(dim: int, gen: torch.Generator, dtype, device, cols: int) -> Tensor:
+    return (torch.randint(0, 2, (dim, cols), generator=gen) * 2 - 1).to(device, dtype)
+
+
+def lanczos(operator, k: int = 1, *, dim: int | None = None, max_iter: int | None = None, tol: float = 1e-4,
+            seed: int = 0, return_eigenvectors: bool = False, dtype: torch.dtype | None = None,
+            device=None) -> EigenResult:
+    r"""Top-k (largest algebraic) eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    The Krylov basis :math:`q_1, \dots, q_m` is kept and every new vector is orthogonalised against all
+    previous ones (twice, classical Gram-Schmidt), so no spurious copies appear; the Ritz values of the
+    tridiagonal :math:`T_m = Q_m^\top A Q_m` approximate the extreme eigenvalues. Iteration stops when the
+    top-k Ritz residuals :math:`r_i = \beta_m |s_{m,i}| = \lVert A y_i - \theta_i y_i \rVert` satisfy
+    :math:`r_i \le \text{tol}\,|\theta_i| + 100\,\epsilon \max_j |\theta_j|` (relative accuracy per eigenvalue,
+    down to the rounding floor of the dtype). If the Krylov space becomes invariant before ``k``
+    Ritz values exist (a low-rank operator), Lanczos restarts with a random vector orthogonal to it. Like
+    every single-vector Krylov method it finds one copy of an exactly repeated eigenvalue per start
+    vector, so exact multiplicities among the top k can be missed (they do not occur in practice for
+    trained networks). Memory: ``m`` vectors of length ``D``.
+
+    Args:
+        operator: a symmetric ``(D, D)`` tensor, a :class:`HessianOperator`, or a callable ``v -> A v``
+            (then ``dim`` is required).
+        k: number of eigenvalues, ``1 <= k <= D``.
+        max_iter: Krylov dimension cap (default ``min(D, max(100, 4 k))``).
+        tol: relative residual tolerance (each eigenvalue's error is at most about ``tol * |lambda_i|``,
+            typically far less: ~ residual^2 / gap).
+        seed: seed of the random start vector.
+        return_eigenvectors: also return the ``(D, k)`` Ritz vectors.
+        dtype, device: for a callable operator, the vectors' dtype and device.
+
+    Returns:
+        An :class:`EigenResult` (eigenvalues on the operator's device and dtype).
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+        >>> lanczos(A, k=2).eigenvalues.tolist()
+        [3.0, 1.0]
+    """
+    fn = "lanczos"
+    matmat, D, dtype, device = _as_operator(fn, operator, dim, dtype, device)
+    k = check_int(fn, "k", k, minimum=1, maximum=D)
+    m = min(D, max(100, 4 * k)) if max_iter is None else check_int(fn, "max_iter", max_iter, minimum=k)
+    m = min(m, D)
+    tol = check_positive(fn, "tol", tol)
+    gen = torch.Generator().manual_seed(int(seed))
+    eps = torch.finfo(dtype).eps
+
+    cap = min(m, max(2 * k + 20, 32))
+    Q = torch.empty(cap, D, dtype=dtype, device=device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    history: list[float] = []
+    q = _randn(D, gen, dtype, device)
+    q = q / q.norm()
+    converged = False
+    theta = S = res = idx = None
+    for j in range(m):
+        if j == Q.shape[0]:
+            Q = torch.cat([Q, torch.empty(min(m, 2 * Q.shape[0]) - Q.shape[0], D, dtype=dtype, device=device)])
+        Q[j] = q
+        w = matmat(q[:, None])[:, 0]
+        a = float(q @ w)
+        w = w - a * q
+        if j > 0:
+            w = w - betas[-1] * Q[j - 1]
+        Qj = Q[: j + 1]
+        for _ in range(2):  # full reorthogonalisation, "twice is enough"
+            w = w - Qj.T @ (Qj @ w)
+        b = float(w.norm())
+        alphas.append(a)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if j > 0:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        idx = torch.argsort(theta, descending=True)[: min(k, j + 1)]
+        res = b * S[j, idx].abs()
+        scale = float(theta.abs().max()) or 1.0
+        history.append(float(theta[idx[0]]))
+        thresh = tol * theta[idx].abs() + 100 * eps * scale
+        if j + 1 == D:
+            converged = True  # the Krylov space is the whole space: Ritz values are exact
+            break
+        if j + 1 >= k and bool((res <= thresh).all()):
+            converged = True
+            break
+        if b <= 100 * eps * scale:  # invariant subspace with fewer than k Ritz values: restart orthogonally
+            r = _randn(D, gen, dtype, device)
+            for _ in range(2):
+                r = r - Qj.T @ (Qj @ r)
+            q, b = r / r.norm(), 0.0
+        else:
+            q = w / b
+        betas.append(b)
+    if not converged:
+        worst = int(torch.argmax(res / thresh))
+        warnings.warn(f"lanczos: not converged after {len(alphas)} iterations (residual {float(res[worst]):.3g} "
+                      f"> {float(thresh[worst]):.3g} for eigenvalue {float(theta[idx][worst]):.6g}); "
+                      f"increase max_iter", RuntimeWarning, stacklevel=2)
+    vals = theta[idx].to(device=device, dtype=dtype)
+    vecs = None
+    if return_eigenvectors:
+        n = len(alphas)
+        vecs = Q[:n].T @ S[:, idx].to(device=device, dtype=dtype)
+    return EigenResult(vals, vecs, res.to(dtype), len(alphas), converged, history)
+
+
+def power_iteration(operator, k: int = 1, *, dim: int | None = None, max_iter: int = 1000, tol: float = 1e-4,
+                    seed: int = 0, return_eigenvectors: bool = False, dtype: torch.dtype | None = None,
+                    device=None) -> EigenResult:
+    r"""Top-k (largest algebraic) eigenvalues by power iteration with deflation.
+
+    Eigenpairs are found one at a time on the deflated, shifted operator
+    :math:`P (A - s I) P`, :math:`P = I - Y Y^\top` projecting out the eigenvectors :math:`Y` found so far.
+    The shift starts at :math:`s = 0`; if the iteration converges to a negative value (a negative
+    eigenvalue dominates the rest of the spectrum) the shift is set to that eigenvalue, which makes the
+    remaining spectrum non-negative, and the search is repeated, so the result is always the largest
+    algebraic eigenvalues. Each eigenpair stops when :math:`\lVert A v - \theta v\rVert \le \text{tol}\,|\lambda|
+    + 100\,\epsilon\,\lambda_{\text{scale}}` (as :func:`lanczos`).
+
+    Args:
+        operator: a symmetric ``(D, D)`` tensor, a :class:`HessianOperator`, or a callable ``v -> A v``.
+        k: number of eigenvalues.
+        max_iter: iterations per eigenpair.
+        tol: relative residual tolerance.
+        seed: seed of the random start vectors.
+        return_eigenvectors: also return the ``(D, k)`` eigenvectors.
+        dtype, device: for a callable operator.
+
+    Returns:
+        An :class:`EigenResult`.
+    """
+    fn = "power_iteration"
+    matmat, D, dtype, device = _as_operator(fn, operator, dim, dtype, device)
+    k = check_int(fn, "k", k, minimum=1, maximum=D)
+    max_iter = check_int(fn, "max_iter", max_iter, minimum=1)
+    tol = check_positive(fn, "tol", tol)
+    gen = torch.Generator().manual_seed(int(seed))
+    eps = torch.finfo(dtype).eps
+    Y = torch.empty(D, 0, dtype=dtype, device=device)
+    vals: list[float] = []
+    resids: list[float] = []
+    history: list[float] = []
+    n_matvec, shift, all_converged = 0, 0.0, True
+
+    def project(v: Tensor) -> Tensor:
+        return v - Y @ (Y.T @ v) if Y.shape[1] else v
+
+    j = 0
+    while j < k:
+        v = project(_randn(D, gen, dtype, device))
+        v = v / v.norm()
+        converged, theta, res = False, 0.0, float("inf")
+        for _ in range(max_iter):
+            w = project(matmat(v[:, None])[:, 0] - shift * v)
+            n_matvec += 1
+            theta = float(v @ w)
+            res = float((w - theta * v).norm())
+            if j == 0:
+                history.append(theta + shift)
+            scale = max(abs(theta), abs(theta + shift), abs(vals[0]) if vals else 0.0) or 1.0
+            thresh = tol * abs(theta + shift) + 100 * eps * scale
+            if res <= thresh:
+                converged = True
+                break
+            nw = w.norm()
+            if float(nw) == 0.0:  # v is in the null space of the deflated operator
+                converged, res = True, 0.0
+                break
+            v = w / nw
+        if converged and theta < -thresh:
+            shift += theta  # a negative eigenvalue dominates: shift it to zero and search again
+            continue
+        all_converged &= converged
+        Y = torch.cat([Y, (v / v.norm())[:, None]], dim=1)
+        vals.append(theta + shift)
+        resids.append(res)
+        j += 1
+    if not all_converged:
+        warnings.warn(f"power_iteration: not converged within max_iter={max_iter} iterations per eigenpair "
+                      f"(last residual {res:.3g}); increase max_iter", RuntimeWarning, stacklevel=2)
+    order = torch.argsort(torch.tensor(vals, dtype=torch.float64), descending=True)
+    ev = torch.tensor(vals, dtype=torch.float64)[order].to(device=device, dtype=dtype)
+    rs = torch.tensor(resids, dtype=torch.float64)[order].to(dtype)
+    return EigenResult(ev, Y[:, order.to(device)] if return_eigenvectors else None, rs, n_matvec,
+                       all_converged, history)
+
+
+class TraceEstimate(NamedTuple):
+    """A trace value with its standard error (0 for exact methods) and the samples it used."""
+
+    value: float
+    std_err: float
+    n_samples: int
+    method: str
+
+
+def _blocks(n: int, block: int) -> Iterator[int]:
+    while n > 0:
+        yield min(block, n)
+        n -= block
+
+
+def hutchinson_trace(operator, n_samples: int = 100, *, dim: int | None = None, seed: int = 0,
+                     block: int = 8, dtype: torch.dtype | None = None, device=None) -> TraceEstimate:
+    r"""Hutchinson's estimate of :math:`\operatorname{Tr} A` with Rademacher probes.
+
+    .. math:: \widehat{\operatorname{Tr}} A = \frac1m \sum_{j=1}^m z_j^\top A z_j, \qquad
+              z_j \in \{\pm 1\}^D, \qquad \text{std err} = \frac{\operatorname{sd}(z_j^\top A z_j)}{\sqrt m}
+
+    (Hutchinson 1989). Probes are applied ``block`` at a time.
+
+    Args:
+        operator: a symmetric ``(D, D)`` tensor, a :class:`HessianOperator`, or a callable ``v -> A v``.
+        n_samples: number of probes ``m`` (>= 2).
+        seed: seed of the probes.
+        block: probes per batched product.
+    """
+    fn = "hutchinson_trace"
+    matmat, D, dtype, device = _as_operator(fn, operator, dim, dtype, device)
+    n_samples = check_int(fn, "n_samples", n_samples, minimum=2)
+    block = check_int(fn, "block", block, minimum=1)
+    gen = torch.Generator().manual_seed(int(seed))
+    samples = []
+    for b in _blocks(n_samples, block):
+        Z = _rademacher(D, gen, dtype, device, b)
+        samples.append((Z * matmat(Z)).sum(0).double().cpu())
+    s = torch.cat(samples)
+    return TraceEstimate(float(s.mean()), float(s.std() / math.sqrt(n_samples)), n_samples, "hutchinson")
+
+
+def hutchpp_trace(operator, n_samples: int = 99, *, dim: int | None = None, seed: int = 0, block: int = 8,
+                  dtype: torch.dtype | None = None, device=None) -> TraceEstimate:
+    r"""Hutch++ estimate of :math:`\operatorname{Tr} A` (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1).
+
+    With :math:`s = \lfloor m/3 \rfloor` sketch probes :math:`S` and :math:`g = m - 2s` residual probes
+    :math:`G` (Rademacher), :math:`Q = \operatorname{orth}(A S)`:
+
+    .. math:: \widehat{\operatorname{Tr}} A = \operatorname{Tr}(Q^\top A Q)
+              + \frac1g \sum_{j=1}^{g} g_j^\top (I - QQ^\top) A (I - QQ^\top) g_j
+
+    using exactly ``m`` products. The low-rank part is exact given :math:`Q`; the reported standard error is
+    that of the residual Hutchinson term (conditional on :math:`Q`). Memory: ``s`` vectors of length ``D``.
+
+    Args:
+        operator: a symmetric ``(D, D)`` tensor, a :class:`HessianOperator`, or a callable ``v -> A v``.
+        n_samples: total products ``m`` (>= 4).
+        seed: seed of the probes.
+        block: probes per batched product.
+    """
+    fn = "hutchpp_trace"
+    matmat, D, dtype, device = _as_operator(fn, operator, dim, dtype, device)
+    n_samples = check_int(fn, "n_samples", n_samples, minimum=4)
+    block = check_int(fn, "block", block, minimum=1)
+    gen = torch.Generator().manual_seed(int(seed))
+    s = n_samples // 3
+    g = n_samples - 2 * s
+
+    def apply(V: Tensor) -> Tensor:
+        return torch.cat([matmat(V[:, i:i + block]) for i in range(0, V.shape[1], block)], dim=1)
+
+    S = _rademacher(D, gen, dtype, device, s)
+    Q, _ = torch.linalg.qr(apply(S))
+    low_rank = float((Q * apply(Q)).sum())
+    G = _rademacher(D, gen, dtype, device, g)
+    G = G - Q @ (Q.T @ G)
+    samples = (G * apply(G)).sum(0).double().cpu()
+    return TraceEstimate(low_rank + float(samples.mean()), float(samples.std() / math.sqrt(g)), n_samples,
+                         "hutchpp")
+
+
+# --------------------------------------------------------------------------------------------------
+# loss-Hessian estimators
+# --------------------------------------------------------------------------------------------------
+
+def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, data, k: int = 1, *, method: str = "lanczos",
+                        tol: float = 1e-4, max_iter: int | None = None, seed: int = 0,
+                        batch_size: int | None = None, params=None, dtype: torch.dtype | None = None,
+                        device=None, eval_mode: bool = True, return_result: bool = False) -> Tensor | EigenResult:
+    r"""Top-k eigenvalues (largest algebraic, descending) of the training-loss Hessian, matrix-free.
+
+    .. math:: H = \nabla_\theta^2 \, \frac1n \sum_{i=1}^n \ell(f_\theta(x_i), y_i), \qquad
+              \lambda_1 \ge \lambda_2 \ge \dots \ge \lambda_k
+
+    :math:`\lambda_1` is the spectral norm at a minimum (Zhang et al. 2021, Fig. S3; Keskar et al.'s
+    sharpness is about :math:`\zeta^2 \lambda_1 / 2(1+L)` for small boxes, Dinh et al. 2017); the top 50
+    give Fig. S4's log product (:func:`flatness.sharpness.log_top_eig_product`). Only Hessian-vector
+    products are used (:class:`HessianOperator`), never the dense Hessian.
+
+    Args:
+        model: the network (left unchanged).
+        loss_fn: ``loss_fn(outputs, y) -> scalar`` mean loss.
+        data: ``(x, y)``, ``x`` of shape ``(N, ...)``.
+        k: number of eigenvalues.
+        method: ``"lanczos"`` (full reorthogonalisation, default; memory ``max_iter`` vectors) or
+            ``"power"`` (power iteration with deflation; memory ``k`` vectors, many more products).
+        tol: relative residual tolerance (see :func:`lanczos`).
+        max_iter: Lanczos Krylov dimension (default ``min(D, max(100, 4k))``) or power iterations per
+            eigenpair (default 1000).
+        seed: seed of the start vectors.
+        batch_size: examples per chunk of the Hessian-vector-product accumulation (``None``: all at once).
+        params: restrict to / evaluate at these parameters (see :class:`HessianOperator`).
+        dtype: compute dtype, e.g. ``torch.float64`` for tiny exact checks.
+        device: compute device (default: the model's).
+        eval_mode: forward passes in eval mode (batch-norm running statistics; restored afterwards).
+        return_result: return the full :class:`EigenResult` (eigenvectors excluded) instead of the values.
+
+    Returns:
+        ``(k,)`` CPU tensor of eigenvalues, descending (or an :class:`EigenResult`).
+    """
+    fn = "hessian_eigenvalues"
+    check_choice(fn, "method", method, ("lanczos", "power"))
+    op = HessianOperator(model, loss_fn, data, params=params, batch_size=batch_size, dtype=dtype, device=device,
+                         eval_mode=eval_mode)
+    k = check_int(fn, "k", k, minimum=1, maximum=op.dim)
+    if method == "lanczos":
+        res = lanczos(op, k, max_iter=max_iter, tol=tol, seed=seed)
+    else:
+        res = power_iteration(op, k, max_iter=1000 if max_iter is None else max_iter, tol=tol, seed=seed)
+    res.eigenvalues = res.eigenvalues.cpu()
+    return res if return_result else res.eigenvalues
+
+
+def per_example_grad_norms_sq(model: nn.Module, x: Tensor, params=None, *, chunk_size: int | None = None,
+                              dtype: torch.dtype | None = None, device=None, eval_mode: bool = True) -> Tensor:
+    r"""Squared Frobenius norms of the per-example parameter Jacobians of the outputs.
+
+    .. math:: g_i = \lVert \nabla_\theta f(x_i) \rVert_F^2 = \sum_{j=1}^{k} \lVert \nabla_\theta f_j(x_i) \rVert^2
+
+    (summed over the ``k`` outputs), computed with ``vmap(jacrev)`` over examples, ``chunk_size`` examples
+    at a time (default: as many as fit ``2**25`` Jacobian entries). ``params`` restricts the gradient (e.g.
+    ``["1.weight"]`` for the first layer of an :class:`~flatness.models.FCN`) or, as a mapping
+    name -> tensor, evaluates at other values. Chen et al. 2023's sharpness is the mean of :math:`g_i`.
+
+    Args:
+        model: the network (left unchanged).
+        x: ``(N, ...)`` inputs.
+        params: ``None`` (all trainable parameters), names, or a mapping name -> tensor.
+        chunk_size: examples per vectorised Jacobian.
+        dtype, device: compute dtype and device (default: the model's).
+        eval_mode: forward passes in eval mode.
+
+    Returns:
+        ``(N,)`` tensor on the compute device.
+    """
+    fn = "per_example_grad_norms_sq"
+    if not torch.is_tensor(x):
+        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+    if x.ndim < 1 or len(x) == 0:
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}; expected (N, ...) with N >= 1")
+    fm = _FunctionalModel(fn, model, params=params, dtype=dtype, device=device, eval_mode=eval_mode)
+    x = x.to(fm.device, fm.dtype) if x.is_floating_point() else x.to(fm.device)
+    with torch.no_grad():
+        k = fm(fm.params, x[:1]).numel()
+    if chunk_size is None:
+        chunk_size = max(1, 2**25 // max(1, k * fm.dim))
+    chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
+
+    def f_single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return fm(p, xi.unsqueeze(0)).reshape(-1)
+
+    jac = vmap(jacrev(f_single), in_dims=(None, 0))
+    out = []
+    for xc in x.split(chunk_size):
+        J = jac(fm.params, xc)  # name -> (B, k, *shape)
+        out.append(sum(J[n].pow(2).flatten(1).sum(1) for n in fm.names).detach())
+    return torch.cat(out)
+
+
+def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: str = "exact",
+                  n_samples: int = 100, seed: int = 0, batch_size: int | None = None, params=None,
+                  chunk_size: int | None = None, dtype: torch.dtype | None = None, device=None,
+                  eval_mode: bool = True) -> TraceEstimate:
+    r"""Trace of the training-loss Hessian: Chen et al.'s exact Gauss-Newton form or a stochastic estimate.
+
+    ``"exact"`` (Chen et al. 2023, eq. (zloss_sharpness)):
+
+    .. math:: \operatorname{Tr} H \approx \frac1n \sum_{i=1}^n \lVert \nabla_\theta f(x_i) \rVert_F^2
+              = \operatorname{Tr} \frac1n \sum_i J_i^\top J_i,
+
+    the trace of the Gauss-Newton matrix of :func:`flatness.losses.half_mse`; it equals the true Hessian trace
+    for ``half_mse`` at an interpolation minimum (:math:`f(x_i) = y_i`). It uses only ``model`` and ``x``:
+    ``loss_fn`` and ``y`` are ignored, and so is the curvature of any other loss. ``std_err`` is 0 and
+    ``n_samples`` the number of examples. Computed by :func:`per_example_grad_norms_sq`.
+
+    ``"hutchinson"`` / ``"hutchpp"``: :func:`hutchinson_trace` / :func:`hutchpp_trace` applied to the Hessian
+    of ``loss_fn`` (any loss, any point) with ``n_samples`` Hessian-vector products.
+
+    Args:
+        model: the network (left unchanged).
+        loss_fn: mean loss ``loss_fn(outputs, y)``; may be ``None`` for ``"exact"``.
+        data: ``(x, y)``.
+        method: ``"exact"`` (default), ``"hutchinson"`` or ``"hutchpp"``.
+        n_samples: probes (Hessian-vector products) of the stochastic methods.
+        seed: seed of the probes.
+        batch_size: examples per chunk of the Hessian-vector products.
+        params: restrict to / evaluate at these parameters.
+        chunk_size: examples per vectorised Jacobian (``"exact"``).
+        dtype, device, eval_mode: as :func:`hessian_eigenvalues`.
+
+    Returns:
+        :class:`TraceEstimate` ``(value, std_err, n_samples, method)``.
+
+    Example:
+        >>> from flatness.losses import half_mse
+        >>> net = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(5, 3)
+        >>> est = hessian_trace(net, half_mse, (x, net(x).detach()), method="exact")
+        >>> round(est.value, 4) == round(2 * float((x.pow(2).sum(1) + 1).mean()), 4)
+        True
+    """
+    fn = "hessian_trace"
+    check_choice(fn, "method", method, ("exact", "hutchinson", "hutchpp"))
+    if method == "exact":
+        x, _ = check_data(fn, data)
+        g = per_example_grad_norms_sq(model, x, params, chunk_size=chunk_size, dtype=dtype, device=device,
+                                      eval_mode=eval_mode)
+        return TraceEstimate(float(g.double().mean()), 0.0, len(x), "exact")
+    op = HessianOperator(model, loss_fn, data, params=params, batch_size=batch_size, dtype=dtype, device=device,
+                         eval_mode=eval_mode)
+    if method == "hutchinson":
+        return hutchinson_trace(op, n_samples, seed=seed)
+    return hutchpp_trace(op, n_samples, seed=seed)
