@@ -13,6 +13,7 @@ from .data import binary_task, load_dataset
 from .hessian import (EigenResult, HessianOperator, TraceEstimate, hessian_eigenvalues, hessian_trace,
                       hutchinson_trace, hutchpp_trace, lanczos, per_example_grad_norms_sq, power_iteration)
 from .losses import cross_entropy, half_mse, sigmoid_bce, zero_one_error
+from .prior import FunctionCounts, sample_function_counts
 from .models import FCN, SmallVGG, alpha_rescale, parametrized_layers, resnet50_cifar
 from .results import ResultStore
 from .sharpness import (AdaptiveSharpnessResult, KeskarResult, adaptive_sharpness, keskar_sharpness,
@@ -35,6 +36,8 @@ __all__ = [
     "log_top_eig_product", "adaptive_sharpness", "AdaptiveSharpnessResult", "relative_flatness",
     "HessianOperator", "EigenResult", "TraceEstimate", "lanczos", "power_iteration", "hutchinson_trace",
     "hutchpp_trace",
+    # the prior over functions
+    "sample_function_counts", "FunctionCounts",
     # results and statistics
     "ResultStore", "correlation",
     # utilities

@@ -2,3 +2,7 @@
 
 Zhang et al. 2021, Definition 2.3 and Appendix D.
 """
+
+from .sampling import FunctionCounts, sample_function_counts
+
+__all__ = ["FunctionCounts", "sample_function_counts"]
