@@ -28,9 +28,10 @@ def half_mse(outputs: Tensor, y: Tensor) -> Tensor:
 
     With this normalisation the Hessian at an interpolation minimum is the Gauss-Newton matrix
     :math:`\frac1n \sum_i J_i^\top J_i`, so :math:`\operatorname{Tr} H = \frac1n \sum_i \lVert \nabla_\theta f(x_i)\rVert_F^2`,
-    Chen et al.'s eq. (zloss_sharpness). ``y`` may be integer class labels ``(N,)`` or targets ``(N, K)``.
+    Chen et al.'s eq. (zloss_sharpness). ``y`` may be integer class labels ``(N,)`` (one-hot encoded when
+    there are several outputs; the target value itself for a single output) or targets ``(N, K)``.
     """
-    if y.ndim == 1 and outputs.ndim == 2 and not y.is_floating_point():
+    if y.ndim == 1 and outputs.ndim == 2 and outputs.shape[1] > 1 and not y.is_floating_point():
         y = F.one_hot(y, outputs.shape[1]).to(outputs.dtype)
     return 0.5 * (outputs - y.reshape(outputs.shape).to(outputs.dtype)).pow(2).sum() / outputs.shape[0]
 

@@ -177,7 +177,7 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=max_epochs + overtrain_epochs, desc="epochs", leave=False)
+        bar = tqdm(total=max_epochs + overtrain_epochs, desc="epochs", leave=False, mininterval=2.0)
     epoch = 0
     model.train()
     while True:
@@ -209,7 +209,7 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
             stop = bool(cb(TrainState(epoch, model, opt, row, phase))) or stop
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3g}", err=f"{row['train_error']:.3f}")
+            bar.set_postfix(loss=f"{row['loss']:.3g}", err=f"{row['train_error']:.3f}", refresh=False)
         if stop:
             break
     if bar is not None:
@@ -222,10 +222,11 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
 class EnsembleResult:
     """Outcome of :func:`train_ensemble_to_zero_error` for ``M`` models."""
 
-    params: dict[str, Tensor]  # stacked parameters, leading dimension M, frozen at each model's zero-error epoch
-    epochs_to_zero: Tensor  # (M,) int64, -1 where the model never reached zero error
+    params: dict[str, Tensor]  # stacked parameters, leading dimension M, frozen at each model's stopping epoch
+    epochs_to_zero: Tensor  # (M,) int64: first epoch with zero error, -1 if never
     status: list[str]  # per model: "converged", "max_epochs" or "diverged"
     base_model: nn.Module  # an architecture template for functional_call
+    stop_epoch: Tensor | None = None  # (M,) int64: the epoch each model stopped at (-1 if it never converged)
 
     def model(self, i: int) -> nn.Module:
         """Model ``i`` as a plain ``nn.Module`` (a copy of the template holding its parameters)."""
@@ -244,8 +245,10 @@ class EnsembleResult:
 
 def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float = 0.01, batch_size: int | None = 32,
                                  max_epochs: int = 10_000, seed: int = 0, loss_fn: Callable = sigmoid_bce,
-                                 device=None, progress: bool = False) -> EnsembleResult:
-    r"""Plain SGD on many models of one architecture at once; each stops at its first zero-error epoch.
+                                 device=None, progress: bool = False,
+                                 loss_threshold: float | None = None) -> EnsembleResult:
+    r"""Plain SGD on many models of one architecture at once; each stops at its first zero-error epoch
+    (or, with ``loss_threshold``, at its first epoch with zero error and full-data mean loss <= the threshold).
 
     The models are stacked (``torch.func.stack_module_state``) and evaluated with ``vmap``; each model has its
     own mini-batch order (drawn from ``seed``), so the runs are independent, as ``M`` separate calls of
@@ -257,8 +260,10 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float = 
         data: ``(x, y)`` training pair: ``x`` ``(N, ...)`` shared by all models, ``y`` ``(N,)`` shared labels
             or ``(M, N)`` one labelling per model (e.g. each model fits its own Boolean function).
         lr, batch_size, max_epochs, seed, loss_fn, device: as :func:`train_to_zero_error`.
+        loss_threshold: also require the mean training loss to fall to this value, so that models fitting
+            different functions are compared at the same loss rather than at different stages of training.
     Returns:
-        :class:`EnsembleResult` whose parameters are those of the first zero-error epoch of each model.
+        :class:`EnsembleResult` whose parameters are those of each model's stopping epoch.
     """
     fn = "train_ensemble_to_zero_error"
     if len(models) == 0:
@@ -291,27 +296,35 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float = 
     grad_all = vmap(grad(loss_one), in_dims=(0, 0, 0))
     predict_all = vmap(lambda p, xx: functional_call(base, p, (xx,)), in_dims=(0, None))
 
-    def errors(p, yy: Tensor) -> Tensor:
+    def evaluate(p, yy: Tensor) -> tuple[Tensor, Tensor]:
+        """(error, mean loss) of each model on the full data."""
         out = predict_all(p, x)  # (m, N, K)
+        loss = vmap(loss_fn)(out, yy)
         if out.shape[-1] > 1:
-            return (out.argmax(-1) != yy.long()).float().mean(1)
-        return ((out.reshape(len(out), n) > 0).long() != yy.long()).float().mean(1)
+            return (out.argmax(-1) != yy.long()).float().mean(1), loss
+        return ((out.reshape(len(out), n) > 0).long() != yy.long()).float().mean(1), loss
 
     def labels(rows: Tensor) -> Tensor:  # (m, N) labels of the given models
         return y[rows] if per_model else y.expand(len(rows), n)
 
+    def finished(err: Tensor, loss: Tensor) -> Tensor:
+        return (err == 0) & (loss <= loss_threshold) if loss_threshold is not None else err == 0
+
     gen = torch.Generator().manual_seed(int(seed))
     epochs_to_zero = torch.full((M,), -1, dtype=torch.int64)
+    stop_epoch = torch.full((M,), -1, dtype=torch.int64)
     status = ["max_epochs"] * M
     with torch.no_grad():
-        active = errors(params, labels(torch.arange(M, device=device))) > 0
-    epochs_to_zero[~active.cpu()] = 0
+        err, loss = evaluate(params, labels(torch.arange(M, device=device)))
+    epochs_to_zero[(err == 0).cpu()] = 0
+    active = ~finished(err, loss)
+    stop_epoch[~active.cpu()] = 0
     for i in torch.nonzero(~active).flatten().tolist():
         status[i] = "converged"
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=max_epochs, desc=f"{M} models", leave=False)
+        bar = tqdm(total=max_epochs, desc=f"{M} models", leave=False, mininterval=2.0)
     for epoch in range(1, max_epochs + 1):
         if not bool(active.any()):
             break
@@ -327,21 +340,23 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float = 
                     sub[k] -= lr * g[k]
         with torch.no_grad():
             finite = torch.stack([torch.isfinite(v.reshape(len(idx_act), -1)).all(1) for v in sub.values()]).all(0)
-            err = errors(sub, y_act)
+            err, loss = evaluate(sub, y_act)
             for k in params:
                 params[k][idx_act] = sub[k]
-        done = (err == 0) & finite
+        first_zero = (err == 0) & (epochs_to_zero[idx_act.cpu()] < 0).to(err.device)
+        epochs_to_zero[idx_act[first_zero].cpu()] = epoch
+        done = finished(err, loss) & finite
         for j, i in enumerate(idx_act.tolist()):
             if not bool(finite[j]):
                 status[i] = "diverged"
                 active[i] = False
             elif bool(done[j]):
                 status[i] = "converged"
-                epochs_to_zero[i] = epoch
+                stop_epoch[i] = epoch
                 active[i] = False
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(active=int(active.sum()))
+            bar.set_postfix(active=int(active.sum()), refresh=False)
     if bar is not None:
         bar.close()
-    return EnsembleResult(params, epochs_to_zero, status, base)
+    return EnsembleResult(params, epochs_to_zero, status, base, stop_epoch)

@@ -11,11 +11,17 @@ Protocol (the paper's is terse; this is the one the suite runs, stated in the no
    range with few functions at reduced sizes).
 3. **Training.** For each function, ``restarts`` networks drawn from the same initialisation are trained with
    plain SGD on all 128 inputs labelled by the function (mean sigmoid cross-entropy) until zero training
-   error, i.e. until the network expresses exactly that function ("zero training error on all 128 outputs").
-   All runs are one stacked ensemble (:func:`flatness.train.train_ensemble_to_zero_error`).
-4. **Flatness.** At each run's first zero-error epoch: Keskar sharpness (Definition 2.1, SGD ascent in the
-   box, 10 epochs) and the Hessian spectral norm (Lanczos on Hessian-vector products), both of the mean
+   error, i.e. until the network expresses exactly that function ("zero training error on all 128 outputs"),
+   and on until the mean loss is at most ``loss_threshold``. All runs are one stacked ensemble
+   (:func:`flatness.train.train_ensemble_to_zero_error`).
+4. **Flatness.** When each run stops: Keskar sharpness (Definition 2.1, SGD ascent in the
+   box, 10 epochs; L-BFGS-B as a check) and the Hessian spectral norm (Lanczos on Hessian-vector products), both of the mean
    cross-entropy on the 128 inputs; averaged over restarts.
+
+Why a loss threshold: stopping at the *first* zero-error epoch compares functions at very different losses
+(a constant function is fitted after one epoch at a loss near 0.5, a complex one after hundreds at a loss
+near 0.05), and Keskar sharpness falls as the loss falls (Zhang et al. Sec. 5.4, Fig. 5), so it would measure
+training time rather than the landscape. ``loss_threshold=None`` restores the first-zero-error rule.
 
 Mingard et al.'s protocol (a fixed target, a training subset, the found function read on all inputs) was
 tried first: SGD then finds the near-constant target's constant completion ~80% of the time and most other
@@ -32,14 +38,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_positive
 from ..boolean import boolean_inputs, hex_to_function
 from ..losses import sigmoid_bce
 from ..models import FCN
 from ..train import train_ensemble_to_zero_error
 
-__all__ = ["BooleanConfig", "PROFILES", "config_for", "select_functions", "train_functions",
-           "measure_flatness"]
+__all__ = ["BooleanConfig", "PROFILES", "config_for", "sample_prior", "select_functions", "train_functions",
+           "measure_flatness", "per_function", "ep_vs_sampled"]
 
 
 @dataclass
@@ -57,8 +63,10 @@ class BooleanConfig:
     lr: float = 0.1  # SGD learning rate for training to zero error (not recovered; see notebook)
     batch_size: int = 32  # SGD batch (not recovered)
     max_epochs: int = 20_000  # cap; runs that do not fit their function are reported and dropped
-    zeta: float = 1e-3  # Keskar box size (not recovered; Keskar et al. used 1e-3 and 5e-4)
-    sharpness_lr: float = 1e-3  # SGD ascent learning rate inside the box
+    loss_threshold: float | None = 0.01  # train on until the mean loss is this low: compare at equal loss
+    zeta: float = 1e-2  # Keskar box size (not recovered); the notebook reports the zeta dependence
+    zeta_sweep: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # L-BFGS-B sharpness at each, for the sensitivity check
+    sharpness_lr: float = 0.1  # SGD ascent lr: large enough to reach L-BFGS-B's maximum in 10 epochs (notebook)
     sharpness_epochs: int = 10  # "we ran SGD for 10 epochs" (Zhang et al. Sec. 5.1)
     sharpness_batch_size: int = 32
     n_ep_functions: int = 300  # functions of the prior table compared with the EP approximation
@@ -88,7 +96,10 @@ def config_for(profile: str, **overrides) -> BooleanConfig:
     for name in ("n_prior_samples", "n_functions", "min_count", "restarts", "max_epochs", "batch_size",
                  "sharpness_epochs", "sharpness_batch_size", "n_ep_functions", "seed"):
         setattr(cfg, name, check_int("config_for", name, getattr(cfg, name), minimum=0))
+    if cfg.loss_threshold is not None:
+        cfg.loss_threshold = check_positive("config_for", "loss_threshold", cfg.loss_threshold)
     cfg.widths = tuple(int(w) for w in cfg.widths)
+    cfg.zeta_sweep = tuple(float(z) for z in cfg.zeta_sweep)
     check_choice("config_for", "selection", cfg.selection, ("top", "stratified"))
     return cfg
 
@@ -135,7 +146,7 @@ def train_functions(cfg: BooleanConfig, functions: list[str], device=None, progr
     models = [FCN(cfg.widths, cfg.sigma_w, cfg.sigma_b, seed=cfg.seed * 1_000_003 + i) for i in range(len(index))]
     ens = train_ensemble_to_zero_error(models, (x, ys[index]), lr=cfg.lr, batch_size=cfg.batch_size,
                                        max_epochs=cfg.max_epochs, seed=cfg.seed, device=device,
-                                       progress=progress)
+                                       progress=progress, loss_threshold=cfg.loss_threshold)
     return ens, index
 
 
@@ -152,7 +163,7 @@ def measure_flatness(cfg: BooleanConfig, ensemble, index: torch.Tensor, function
     for i in tqdm(range(len(index)), desc="flatness", disable=not progress):
         f = int(index[i])
         row = {"run": i, "function": functions[f], "status": ensemble.status[i],
-               "epochs_to_zero": int(ensemble.epochs_to_zero[i])}
+               "epochs_to_zero": int(ensemble.epochs_to_zero[i]), "stop_epoch": int(ensemble.stop_epoch[i])}
         if ensemble.status[i] == "converged":
             model = ensemble.model(i)
             y = hex_to_function(functions[f], n)
@@ -160,7 +171,67 @@ def measure_flatness(cfg: BooleanConfig, ensemble, index: torch.Tensor, function
             ks = keskar_sharpness(model, sigmoid_bce, data, zeta=cfg.zeta, method="sgd", lr=cfg.sharpness_lr,
                                   epochs=cfg.sharpness_epochs, batch_size=cfg.sharpness_batch_size,
                                   seed=cfg.seed + i)
-            lam = hessian_eigenvalues(model, sigmoid_bce, data, k=1)
-            row.update(loss=ks.loss, sharpness=ks.sharpness, hessian_norm=float(lam[0]))
+            row.update(loss=ks.loss, sharpness=ks.sharpness)
+            for z in sorted({cfg.zeta, *cfg.zeta_sweep}):
+                kl = keskar_sharpness(model, sigmoid_bce, data, zeta=z, method="lbfgsb", seed=cfg.seed + i)
+                row[f"sharpness_lbfgsb_{z:g}"] = kl.sharpness
+            row["sharpness_lbfgsb"] = row[f"sharpness_lbfgsb_{cfg.zeta:g}"]
+            row["hessian_norm"] = float(hessian_eigenvalues(model, sigmoid_bce, data, k=1)[0])
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sample_prior(cfg: BooleanConfig, cache_dir, device=None, progress: bool = True):
+    """The sampled prior of ``cfg`` (:func:`flatness.prior.sample_function_counts`), cached as parquet.
+
+    The cache file is named by a hash of the sampling settings, so changing any of them re-samples.
+    """
+    from pathlib import Path
+
+    from ..prior.sampling import FunctionCounts, sample_function_counts
+    from ..results import config_key
+
+    spec = {"widths": list(cfg.widths), "sigma_w": cfg.sigma_w, "sigma_b": cfg.sigma_b,
+            "n_samples": cfg.n_prior_samples, "seed": cfg.seed}
+    path = Path(cache_dir) / f"prior_counts-{config_key(spec)}.parquet"
+    if path.is_file():
+        return FunctionCounts.load(path)
+    counts = sample_function_counts(cfg.widths, n_samples=cfg.n_prior_samples, sigma_w=cfg.sigma_w,
+                                    sigma_b=cfg.sigma_b, seed=cfg.seed, device=device, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts.save(path)
+    return counts
+
+
+def per_function(runs: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
+    """Mean flatness over the converged restarts of each function, joined with its sampled prior."""
+    ok = runs[runs["status"] == "converged"]
+    measures = [c for c in ok.columns if c.startswith("sharpness") or c in ("hessian_norm", "loss", "epochs_to_zero",
+                                                                              "stop_epoch")]
+    agg = ok.groupby("function")[measures].mean()
+    agg["restarts"] = ok.groupby("function").size()
+    return selected.merge(agg, left_on="function", right_index=True, how="inner")
+
+
+def ep_vs_sampled(cfg: BooleanConfig, table: pd.DataFrame, n_samples: int, likelihood: str = "heaviside",
+                  progress: bool = True) -> pd.DataFrame:
+    """EP's :math:`\\log P(f)` on the arc-cosine NNGP kernel of all ``2**n`` inputs vs the sampled prior.
+
+    For the ``cfg.n_ep_functions`` most frequent functions with at least ``cfg.min_count`` samples.
+    Returns columns ``function``, ``count``, ``log10_prior`` (sampled), ``log10_prior_ep``, ``ep_converged``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..prior.ep import log_prior_ep
+    from ..prior.kernels import arccos_kernel
+
+    n = cfg.widths[0]
+    x = boolean_inputs(n, dtype=torch.float64)
+    K = arccos_kernel(x, n_hidden=len(cfg.widths) - 2, sigma_w=cfg.sigma_w, sigma_b=cfg.sigma_b)
+    top = table[table["count"] >= cfg.min_count].head(cfg.n_ep_functions)
+    rows = []
+    for h, c in tqdm(list(zip(top["function"], top["count"])), desc="EP", disable=not progress):
+        res = log_prior_ep(K, hex_to_function(h, n), likelihood=likelihood)
+        rows.append({"function": h, "count": int(c), "log10_prior": math.log10(c / n_samples),
+                     "log10_prior_ep": res.log_prob / math.log(10), "ep_converged": bool(res.converged)})
     return pd.DataFrame(rows)
