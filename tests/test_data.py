@@ -122,3 +122,10 @@ def test_binary_task_cifar_classes():
     assert t.train.x.shape == (100, 3, 32, 32) and t.info["classes"] == [[1], [3]]
     t = binary_task("cifar10", 100, 0, 60, seed=0, classes=(0, 1), source="embedded")
     assert t.attack.x.shape[0] == 0 and t.info["classes"] == [[0], [1]]
+
+
+def test_data_readme_lists_the_manifest_checksums():
+    manifest = json.loads((ROOT / "data" / "manifest.json").read_text())
+    readme = (ROOT / "data" / "README.md").read_text()
+    for name, entry in manifest.items():
+        assert entry["sha256"] in readme and f"{entry['bytes']:,}" in readme, name
