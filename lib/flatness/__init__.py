@@ -6,7 +6,7 @@ representations"). Submodules: ``data``, ``models``, ``losses``, ``train``, ``sh
 ``compression``, ``bounds``, ``prior``, ``results``, ``stats``, ``plotting``, ``experiments``.
 """
 
-from . import data, results, stats, train
+from . import data, results, stats, train  # noqa: F401  (submodules as attributes)
 from ._device import default_device
 from .boolean import boolean_inputs, function_to_hex, hex_to_function
 from .data import binary_task, load_dataset
@@ -14,6 +14,9 @@ from .hessian import (EigenResult, HessianOperator, TraceEstimate, hessian_eigen
                       hutchinson_trace, hutchpp_trace, lanczos, per_example_grad_norms_sq, power_iteration)
 from .losses import cross_entropy, half_mse, sigmoid_bce, zero_one_error
 from .prior import FunctionCounts, sample_function_counts
+from .bounds import LVRBound, MLSBoundChain, NMLSBound, lvr_bound, mls_bound_chain, nmls_bound
+from .compression import (adversarial_mls, local_metrics, network_log_volume, network_mls, normalized_mls,
+                          top_singular_values)
 from .models import FCN, SmallVGG, alpha_rescale, parametrized_layers, resnet50_cifar
 from .results import ResultStore
 from .sharpness import (AdaptiveSharpnessResult, KeskarResult, adaptive_sharpness, keskar_sharpness,
@@ -36,6 +39,9 @@ __all__ = [
     "log_top_eig_product", "adaptive_sharpness", "AdaptiveSharpnessResult", "relative_flatness",
     "HessianOperator", "EigenResult", "TraceEstimate", "lanczos", "power_iteration", "hutchinson_trace",
     "hutchpp_trace",
+    # representation compression (Chen et al. 2023) and its bounds
+    "local_metrics", "top_singular_values", "adversarial_mls", "normalized_mls", "network_mls",
+    "network_log_volume", "mls_bound_chain", "lvr_bound", "nmls_bound", "MLSBoundChain", "LVRBound", "NMLSBound",
     # the prior over functions
     "sample_function_counts", "FunctionCounts",
     # results and statistics

@@ -6,7 +6,6 @@ composes with :func:`torch.func.functional_call`, ``vmap`` and Hessian-vector pr
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -1,0 +1,186 @@
+"""Sharpness bounds (flatness.bounds): chains hold on random networks, terms match dense oracles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian
+from torch.func import functional_call, hessian
+
+from flatness.bounds import lvr_bound, mls_bound_chain, nmls_bound
+from flatness.losses import half_mse
+from flatness.models import FCN, SmallVGG
+
+
+# ------------------------------------------------------------------------------------------ oracles
+def dense_trace_hessian(model: nn.Module, x: torch.Tensor) -> float:
+    """Trace of the dense Hessian of half_mse at interpolation (targets = the model's outputs)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    with torch.no_grad():
+        y = model(x)
+
+    def loss(v):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = v[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return half_mse(functional_call(model, params, (x,)), y)
+
+    return float(torch.diagonal(hessian(loss)(flat)).sum())
+
+
+def per_example_weight_grad_norm(model: nn.Module, weight: nn.Parameter, x: torch.Tensor) -> torch.Tensor:
+    """||grad_W f(x_i)||_F summed over outputs, one input and one output at a time."""
+    out = []
+    for xi in x:
+        f = model(xi.unsqueeze(0)).reshape(-1)
+        sq = 0.0
+        for j in range(f.numel()):
+            (g,) = torch.autograd.grad(f[j], weight, retain_graph=True)
+            sq += float(g.pow(2).sum())
+        out.append(math.sqrt(sq))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def leq(a: float, b: float, rtol: float = 1e-9) -> bool:
+    if math.isinf(a) or math.isinf(b):  # log terms are -inf for rank-deficient Jacobians
+        return a <= b
+    return a <= b + rtol * abs(b) + 1e-12
+
+
+def random_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    d = int(torch.randint(2, 7, (1,), generator=g))
+    k = int(torch.randint(1, 4, (1,), generator=g))
+    h1, h2 = (int(v) for v in torch.randint(3, 13, (2,), generator=g))
+    n = int(torch.randint(1, 9, (1,), generator=g))
+    model = FCN((d, h1, h2, k), sigma_b=float(torch.rand(1, generator=g)), seed=seed).double()
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * float(0.2 + 3 * torch.rand(1, generator=g))
+    return model, x
+
+
+# -------------------------------------------------------------------------------- property tests
+@pytest.mark.parametrize("seed", range(50))
+def test_chains_hold_on_random_networks(seed):
+    model, x = random_case(seed)
+    tr = dense_trace_hessian(model, x)
+    c = mls_bound_chain(model, x, trace_hessian=tr)
+    assert leq(c.A, c.A_fro) and leq(c.A_fro, c.B) and leq(c.B, c.C) and leq(c.C, c.D), c.as_dict()
+    assert (c.mls <= c.jac_fro * (1 + 1e-9)).all() and (c.jac_fro <= c.per_input_bound * (1 + 1e-9) + 1e-12).all()
+    lv = lvr_bound(model, x, trace_hessian=tr)
+    terms = [lv.log_lhs, lv.log_amgm, lv.log_partial, lv.log_partial_mean, lv.log_rhs]
+    assert all(leq(a, b) for a, b in zip(terms, terms[1:])), lv.as_dict()
+    per = [lv.log_volume, lv.log_amgm_per_input, lv.log_partial_per_input]
+    assert all(leq(float(a), float(b)) for u, v in zip(per, per[1:]) for a, b in zip(u, v))
+    nb = nmls_bound(model, x, trace_hessian=tr)
+    terms = [nb.lhs, nb.layerwise, nb.cs_layers, nb.cs_inputs, nb.rhs]
+    assert nb.rigorous and all(leq(a, b) for a, b in zip(terms, terms[1:])), nb.as_dict()
+
+
+# ------------------------------------------------------------------------------- terms vs oracles
+def test_terms_match_dense_oracles():
+    torch.manual_seed(11)
+    model, x = FCN((5, 16, 12, 3), seed=11).double(), torch.randn(6, 5, dtype=torch.float64)
+    tr = dense_trace_hessian(model, x)
+    c = mls_bound_chain(model, x)  # trace_hessian=None: computed at interpolation
+    assert c.trace_hessian == pytest.approx(tr, rel=1e-9)
+    w = model[1].weight
+    g = per_example_weight_grad_norm(model, w, x)
+    torch.testing.assert_close(c.grad_w_norm, g, rtol=1e-9, atol=0)
+    jac = torch.stack([jacobian(lambda z: model(z[None])[0], xi) for xi in x])
+    s = torch.linalg.svdvals(jac)
+    assert c.A == pytest.approx(float(s[:, 0].mean()), rel=1e-9)
+    w2 = float(torch.linalg.svdvals(w.detach())[0])
+    xn = x.norm(dim=1)
+    assert c.w_spectral_norm == pytest.approx(w2, rel=1e-12)
+    assert c.B == pytest.approx(w2 * float((g / xn).mean()), rel=1e-9)
+    inv = math.sqrt(float((1 / xn**2).mean()))
+    assert c.C == pytest.approx(w2 * inv * math.sqrt(float((g**2).mean())), rel=1e-9)
+    assert c.D == pytest.approx(w2 * inv * math.sqrt(tr), rel=1e-9)
+    lv = lvr_bound(model, x, trace_hessian=tr)
+    assert lv.log_lhs == pytest.approx(float(torch.log(s).sum(1).mean()), rel=1e-9)
+    assert lv.log_rhs == pytest.approx(1.5 * math.log(w2**2 * tr / 3) - 3 * float(torch.log(xn).mean()), rel=1e-9)
+    nb = nmls_bound(model, x, trace_hessian=tr)
+    assert nb.layers == ["1", "3", "5"]
+    for li, idx in enumerate((1, 3, 5)):
+        lin = model[idx]
+        torch.testing.assert_close(nb.grad_w_norm[:, li], per_example_weight_grad_norm(model, lin.weight, x),
+                                   rtol=1e-9, atol=1e-12)
+        assert float(nb.coef[li]) == pytest.approx(float(torch.linalg.svdvals(lin.weight.detach())[0]) ** 2)
+        with torch.no_grad():
+            h = x
+            for m in list(model)[:idx]:
+                h = m(h)
+        torch.testing.assert_close(nb.h_norm[:, li], h.norm(dim=1), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------- equality cases
+def test_equality_single_linear_output():
+    """f = w.x (k = 1, no bias), inputs of equal norm: A = B = C = D and all LVR/NMLS terms coincide."""
+    torch.manual_seed(12)
+    lin = nn.Linear(4, 1, bias=False).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x = 2.0 * x / x.norm(dim=1, keepdim=True)
+    c = mls_bound_chain(lin, x)
+    for v in (c.A_fro, c.B, c.C, c.D):
+        assert v == pytest.approx(c.A, rel=1e-10)
+    assert c.A == pytest.approx(float(lin.weight.detach().norm()), rel=1e-10)
+    lv = lvr_bound(lin, x[:1])
+    for v in (lv.log_amgm, lv.log_partial, lv.log_partial_mean, lv.log_rhs):
+        assert v == pytest.approx(lv.log_lhs, rel=1e-10, abs=1e-12)
+    nb = nmls_bound(lin, x[:1])
+    for v in (nb.layerwise, nb.cs_layers, nb.cs_inputs, nb.rhs):
+        assert v == pytest.approx(nb.lhs, rel=1e-10)
+
+
+def test_single_input_b_equals_c():
+    model, x = FCN((4, 6, 5, 2), seed=13).double(), torch.randn(1, 4, dtype=torch.float64)
+    c = mls_bound_chain(model, x, trace_hessian=dense_trace_hessian(model, x))
+    assert c.B == pytest.approx(c.C, rel=1e-12) and c.A < c.B and c.C < c.D
+
+
+# ------------------------------------------------------------------------------------ weight sharing
+def conv_counterexample() -> nn.Module:
+    """1x1 conv (w = 1) on a 2-pixel input, readout a = (1, -1): grad_w f = a.x = 0 at x = (1, 1)."""
+    conv = nn.Conv1d(1, 1, 1, bias=False).double()
+    lin = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        lin.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    return nn.Sequential(conv, nn.Flatten(), lin)
+
+
+def test_conv_bounds_are_not_bounds():
+    model = conv_counterexample()
+    x = torch.ones(1, 1, 2, dtype=torch.float64)
+    nb = nmls_bound(model, x)
+    assert not nb.rigorous
+    assert nb.lhs == pytest.approx(2 * math.sqrt(2)) and nb.rhs == pytest.approx(2.0)  # violated
+    with pytest.raises(ValueError, match="nmls_bound: layer '0' \\(Conv1d\\) shares its weight"):
+        nmls_bound(model, x, conv="raise")
+    with pytest.raises(NotImplementedError, match="mls_bound_chain: the first layer '0' is Conv1d"):
+        mls_bound_chain(model, x)
+    with pytest.raises(NotImplementedError, match="lvr_bound: the first layer"):
+        lvr_bound(model, x)
+
+
+def test_small_vgg_reference_variant_runs():
+    torch.manual_seed(14)
+    nb = nmls_bound(SmallVGG(), torch.rand(2, 3, 32, 32))
+    assert not nb.rigorous and nb.sigma.shape == (2, 8) and math.isfinite(nb.rhs) and nb.rhs > 0
+
+
+def test_bad_input():
+    model, x = FCN((4, 6, 2), seed=15).double(), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mls_bound_chain: trace_hessian=-1.0 must be finite and >= 0"):
+        mls_bound_chain(model, x, trace_hessian=-1.0)
+    with pytest.raises(ValueError, match="nmls_bound: unknown conv='ignore'"):
+        nmls_bound(model, x, conv="ignore")
+    pre = nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="does not receive the raw input"):
+        mls_bound_chain(pre, x)
