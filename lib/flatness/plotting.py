@@ -57,7 +57,10 @@ def scatter_corr(ax, x, y, *, hue=None, logx: bool = False, xlabel: str = "", yl
             transform=ax.transAxes, va="top", ha="left", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8, "lw": 0})
     if logx:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

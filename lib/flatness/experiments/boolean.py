@@ -69,7 +69,7 @@ class BooleanConfig:
     sharpness_lr: float = 0.1  # SGD ascent lr: large enough to reach L-BFGS-B's maximum in 10 epochs (notebook)
     sharpness_epochs: int = 10  # "we ran SGD for 10 epochs" (Zhang et al. Sec. 5.1)
     sharpness_batch_size: int = 32
-    n_ep_functions: int = 300  # functions of the prior table compared with the EP approximation
+    n_ep_functions: int = 300  # selected functions whose EP log P is compared with the sampled prior
     seed: int = 0
 
 
@@ -160,7 +160,7 @@ def measure_flatness(cfg: BooleanConfig, ensemble, index: torch.Tensor, function
     n = cfg.widths[0]
     x = boolean_inputs(n)
     rows = []
-    for i in tqdm(range(len(index)), desc="flatness", disable=not progress):
+    for i in tqdm(range(len(index)), desc="flatness", disable=not progress, mininterval=2.0):
         f = int(index[i])
         row = {"run": i, "function": functions[f], "status": ensemble.status[i],
                "epochs_to_zero": int(ensemble.epochs_to_zero[i]), "stop_epoch": int(ensemble.stop_epoch[i])}
@@ -213,12 +213,13 @@ def per_function(runs: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
     return selected.merge(agg, left_on="function", right_index=True, how="inner")
 
 
-def ep_vs_sampled(cfg: BooleanConfig, table: pd.DataFrame, n_samples: int, likelihood: str = "heaviside",
+def ep_vs_sampled(cfg: BooleanConfig, functions: pd.DataFrame, n_samples: int, likelihood: str = "heaviside",
                   progress: bool = True) -> pd.DataFrame:
     """EP's :math:`\\log P(f)` on the arc-cosine NNGP kernel of all ``2**n`` inputs vs the sampled prior.
 
-    For the ``cfg.n_ep_functions`` most frequent functions with at least ``cfg.min_count`` samples.
-    Returns columns ``function``, ``count``, ``log10_prior`` (sampled), ``log10_prior_ep``, ``ep_converged``.
+    For the first ``cfg.n_ep_functions`` rows of ``functions`` (columns ``function``, ``count``; e.g. the output
+    of :func:`select_functions`). Returns columns ``function``, ``count``, ``log10_prior`` (sampled),
+    ``log10_prior_ep``, ``ep_converged``.
     """
     from tqdm.auto import tqdm
 
@@ -228,9 +229,9 @@ def ep_vs_sampled(cfg: BooleanConfig, table: pd.DataFrame, n_samples: int, likel
     n = cfg.widths[0]
     x = boolean_inputs(n, dtype=torch.float64)
     K = arccos_kernel(x, n_hidden=len(cfg.widths) - 2, sigma_w=cfg.sigma_w, sigma_b=cfg.sigma_b)
-    top = table[table["count"] >= cfg.min_count].head(cfg.n_ep_functions)
+    top = functions.head(cfg.n_ep_functions)
     rows = []
-    for h, c in tqdm(list(zip(top["function"], top["count"])), desc="EP", disable=not progress):
+    for h, c in tqdm(list(zip(top["function"], top["count"])), desc="EP", disable=not progress, mininterval=2.0):
         res = log_prior_ep(K, hex_to_function(h, n), likelihood=likelihood)
         rows.append({"function": h, "count": int(c), "log10_prior": math.log10(c / n_samples),
                      "log10_prior_ep": res.log_prob / math.log(10), "ep_converged": bool(res.converged)})
