@@ -16,17 +16,7 @@ from flatness.losses import cross_entropy, half_mse
 from flatness.models import FCN
 
 F64 = torch.float64
-# torch.func.hessian (the dense oracle) scripts forward-AD decompositions on first use
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up and spinning on 2 busy cores cost more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- oracles
