@@ -13,7 +13,8 @@ from .data import binary_task, load_dataset
 from .hessian import (EigenResult, HessianOperator, TraceEstimate, hessian_eigenvalues, hessian_trace,
                       hutchinson_trace, hutchpp_trace, lanczos, per_example_grad_norms_sq, power_iteration)
 from .losses import cross_entropy, half_mse, sigmoid_bce, zero_one_error
-from .prior import FunctionCounts, sample_function_counts
+from .prior import (ArcCosineNNGPKernel, EPResult, FunctionCounts, arccos_kernel, empirical_nngp_kernel, log_prior,
+                    log_prior_ep, sample_function_counts, to_log10)
 from .bounds import LVRBound, MLSBoundChain, NMLSBound, lvr_bound, mls_bound_chain, nmls_bound
 from .compression import (adversarial_mls, local_metrics, network_log_volume, network_mls, normalized_mls,
                           top_singular_values)
@@ -43,7 +44,8 @@ __all__ = [
     "local_metrics", "top_singular_values", "adversarial_mls", "normalized_mls", "network_mls",
     "network_log_volume", "mls_bound_chain", "lvr_bound", "nmls_bound", "MLSBoundChain", "LVRBound", "NMLSBound",
     # the prior over functions
-    "sample_function_counts", "FunctionCounts",
+    "sample_function_counts", "FunctionCounts", "arccos_kernel", "ArcCosineNNGPKernel", "empirical_nngp_kernel",
+    "log_prior_ep", "EPResult", "log_prior", "to_log10",
     # results and statistics
     "ResultStore", "correlation",
     # utilities
