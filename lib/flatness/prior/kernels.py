@@ -302,7 +302,7 @@ def empirical_nngp_kernel(model_factory: Callable[[int], nn.Module], x: Tensor, 
 
     k = torch.zeros(n, n, dtype=torch.float64, device=dev)
     width = None
-    for m in tqdm(range(n_samples), desc="empirical NNGP kernel", disable=not progress):
+    for m in tqdm(range(n_samples), desc="empirical NNGP kernel", disable=not progress, mininterval=2.0):
         model = model_factory(m + seed_offset)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model_factory({m + seed_offset}) returned {type(model).__name__}, not nn.Module")

@@ -566,7 +566,8 @@ def sample_function_counts(widths: Sequence[int] = (7, 40, 40, 1), n_samples: in
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_samples, disable=not progress, unit="net", unit_scale=True, desc="sampling functions")
+    bar = tqdm(total=n_samples, disable=not progress, unit="net", unit_scale=True, desc="sampling functions",
+               mininterval=2.0)
     bar_lock = threading.Lock()
 
     def advance(m: int) -> None:
