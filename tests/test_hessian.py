@@ -295,3 +295,45 @@ def test_bad_input_raises(tiny):
         hutchpp_trace(torch.eye(3, dtype=F64), 3)
     with pytest.raises(ValueError, match="square"):
         lanczos(torch.ones(2, 3))
+
+
+def test_hessian_trace_auto_uses_the_loss_curvature():
+    """Default method: exact Gauss-Newton form only for half_mse; for another loss the true trace (Hutch++)."""
+    from flatness.losses import sigmoid_bce
+
+    torch.manual_seed(0)
+    model = FCN((3, 8, 1), seed=0).double()
+    x = torch.randn(20, 3, dtype=F64)
+    y = (x[:, 0] > 0).long()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return sigmoid_bce(torch.func.functional_call(model, p, (x,)), y)
+
+    dense = torch.func.hessian(loss)(params)
+    names = list(params)
+    true_trace = sum(float(torch.diagonal(dense[n][n].reshape(params[n].numel(), -1)).sum()) for n in names)
+    est = hessian_trace(model, sigmoid_bce, (x, y), n_samples=3 * params_count(params), seed=0)
+    assert est.method == "hutchpp"
+    # Hutch++ with 3x as many probes as parameters sketches the whole space: exact up to round-off
+    assert est.value == pytest.approx(true_trace, rel=1e-6)
+    gauss_newton = hessian_trace(model, sigmoid_bce, (x, y), method="exact").value
+    assert abs(gauss_newton - true_trace) > 0.5 * true_trace  # what the old default silently returned
+    assert hessian_trace(model, half_mse, (x, model(x).detach())).method == "exact"
+
+
+def params_count(params) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def test_hessian_trace_changes_under_alpha_rescale():
+    """Function-space quantities are invariant; the Hessian trace is not (Dinh et al.)."""
+    from flatness.models import alpha_rescale
+
+    model = FCN((4, 16, 16, 3), seed=1).double()
+    x = torch.randn(12, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    scaled = alpha_rescale(model, 0, 4.0)
+    assert torch.allclose(scaled(x), model(x), atol=1e-12)
+    t0 = hessian_trace(model, half_mse, (x, model(x).detach())).value
+    t1 = hessian_trace(scaled, half_mse, (x, scaled(x).detach())).value
+    assert abs(t1 - t0) > 0.1 * t0

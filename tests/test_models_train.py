@@ -131,5 +131,6 @@ def test_ensemble_loss_threshold_trains_past_zero_error():
     assert torch.equal(first.epochs_to_zero, thr.epochs_to_zero)  # same trajectory, same first zero-error epoch
     assert (thr.stop_epoch > first.stop_epoch).all()
     from flatness.losses import sigmoid_bce
-    for i in range(4):
-        assert float(sigmoid_bce(thr.model(i)(x), y)) <= 1e-3 < float(sigmoid_bce(first.model(i)(x), y))
+    with torch.no_grad():
+        for i in range(4):
+            assert float(sigmoid_bce(thr.model(i)(x), y)) <= 1e-3 < float(sigmoid_bce(first.model(i)(x), y))

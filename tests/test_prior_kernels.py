@@ -168,3 +168,16 @@ def test_bad_input():
                               progress=False)
     with pytest.raises(ValueError, match="n_samples"):
         empirical_nngp_kernel(lambda s: FCN((3, 4, 1)), x, n_samples=0, device="cpu", progress=False)
+
+
+def test_float32_kernel_is_finite_at_the_origin_without_biases():
+    """sigma_b = 0 and x = 0 (the first Boolean input): k(0, x) = 0 exactly, no 0/0 in float32."""
+    from flatness.boolean import boolean_inputs
+
+    x = boolean_inputs(3)
+    for dtype in (torch.float32, torch.float64):
+        K = arccos_kernel(x, sigma_b=0.0, dtype=dtype)
+        assert torch.isfinite(K).all(), dtype
+        assert float(K[0].abs().max()) < 1e-30
+        K64 = arccos_kernel(x, sigma_b=0.0, dtype=torch.float64)
+        assert torch.allclose(K.double(), K64, rtol=1e-5, atol=1e-6)

@@ -57,15 +57,6 @@ def check_finite(fn: str, name: str, t: Tensor) -> None:
             raise ValueError(f"{fn}: {name} holds {n_bad} non-finite value(s) (NaN or inf)")
 
 
-def check_ndim(fn: str, name: str, t: Tensor, ndim: int | Sequence[int], shape_doc: str) -> None:
-    """Raise unless ``t.ndim`` is ``ndim`` (or one of them); ``shape_doc`` is e.g. ``"(N, D)"``."""
-    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-    if not torch.is_tensor(t):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
-    if t.ndim not in allowed:
-        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; expected {shape_doc}")
-
-
 def check_same_length(fn: str, names: Sequence[str], *tensors: Tensor) -> None:
     """Raise unless all tensors share their first dimension."""
     lengths = [len(t) for t in tensors]

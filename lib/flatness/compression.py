@@ -54,14 +54,14 @@ Conventions (all functions)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._modes import eval_mode
 from ._checks import check_choice, check_finite, check_int, check_positive
 from ._device import resolve_device
 from .models import parametrized_layers
@@ -84,16 +84,7 @@ _CHUNK_BUDGET = 2**26
 
 
 # ----------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's previous ``training`` flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
+_eval_mode = eval_mode  # shared by flatness.bounds
 
 
 def _check_model_input(fn: str, model, x) -> tuple[Tensor, torch.device, torch.dtype]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from ._modes import eval_mode
 from ._checks import check_choice, check_data, check_int, check_positive
 from ._device import resolve_device
 
@@ -44,19 +44,7 @@ __all__ = [
 # shared plumbing (also used by flatness.sharpness)
 # --------------------------------------------------------------------------------------------------
 
-@contextmanager
-def _module_mode(model: nn.Module, eval_mode: bool):
-    """Put ``model`` in eval mode for the block when ``eval_mode``; restore every module's flag after."""
-    if not eval_mode:
-        yield
-        return
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
+_module_mode = eval_mode  # (model, enabled): shared with flatness.sharpness
 
 
 def _check_model(fn: str, model) -> None:
@@ -708,7 +696,7 @@ def per_example_grad_norms_sq(model: nn.Module, x: Tensor, params=None, *, chunk
     return torch.cat(out)
 
 
-def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: str = "exact",
+def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: str = "auto",
                   n_samples: int = 100, seed: int = 0, batch_size: int | None = None, params=None,
                   chunk_size: int | None = None, dtype: torch.dtype | None = None, device=None,
                   eval_mode: bool = True) -> TraceEstimate:
@@ -731,7 +719,9 @@ def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: s
         model: the network (left unchanged).
         loss_fn: mean loss ``loss_fn(outputs, y)``; may be ``None`` for ``"exact"``.
         data: ``(x, y)``.
-        method: ``"exact"`` (default), ``"hutchinson"`` or ``"hutchpp"``.
+        method: ``"auto"`` (default: ``"exact"`` when ``loss_fn`` is ``None`` or
+            :func:`~flatness.losses.half_mse`, else ``"hutchpp"``, so that another loss's curvature is never
+            silently ignored), ``"exact"``, ``"hutchinson"`` or ``"hutchpp"``.
         n_samples: probes (Hessian-vector products) of the stochastic methods.
         seed: seed of the probes.
         batch_size: examples per chunk of the Hessian-vector products.
@@ -751,7 +741,11 @@ def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: s
         True
     """
     fn = "hessian_trace"
-    check_choice(fn, "method", method, ("exact", "hutchinson", "hutchpp"))
+    check_choice(fn, "method", method, ("auto", "exact", "hutchinson", "hutchpp"))
+    if method == "auto":
+        from .losses import half_mse
+
+        method = "exact" if loss_fn is None or loss_fn is half_mse else "hutchpp"
     if method == "exact":
         x, _ = check_data(fn, data)
         g = per_example_grad_norms_sq(model, x, params, chunk_size=chunk_size, dtype=dtype, device=device,

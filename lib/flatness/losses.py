@@ -47,15 +47,3 @@ def zero_one_error(logits: Tensor, y: Tensor) -> Tensor:
     else:
         pred = logits.argmax(-1)
     return (pred != y.reshape(-1).long()).float().mean()
-
-
-LOSSES = {"sigmoid_bce": sigmoid_bce, "half_mse": half_mse, "cross_entropy": cross_entropy}
-
-
-def get_loss(loss) -> callable:
-    """A loss callable from a name in :data:`LOSSES` or a callable (returned as is)."""
-    if callable(loss):
-        return loss
-    if loss not in LOSSES:
-        raise ValueError(f"get_loss: unknown loss={loss!r}; allowed values are {sorted(LOSSES)} or a callable")
-    return LOSSES[loss]

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 from ._checks import check_choice, check_data, check_int, check_positive
 from ._device import resolve_device
+from ._modes import eval_mode
 from .losses import sigmoid_bce, zero_one_error
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "TrainState", "TrainResult", "train_to_zero_error",
@@ -158,13 +159,11 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     rows: list[dict] = []
 
     def record(epoch: int, phase: str) -> dict:
-        was_training = model.training
-        model.eval()
-        loss, _ = _evaluate(model, loss_fn, (fit_x, fit_y))
-        _, tr_err = _evaluate(model, loss_fn, train)
-        _, at_err = _evaluate(model, loss_fn, attack)
-        te_loss, te_err = _evaluate(model, loss_fn, test)
-        model.train(was_training)
+        with eval_mode(model):
+            loss, _ = _evaluate(model, loss_fn, (fit_x, fit_y))
+            _, tr_err = _evaluate(model, loss_fn, train)
+            _, at_err = _evaluate(model, loss_fn, attack)
+            te_loss, te_err = _evaluate(model, loss_fn, test)
         row = {"epoch": epoch, "phase": phase, "loss": loss, "train_error": tr_err, "attack_error": at_err,
                "test_error": te_err, "test_loss": te_loss}
         rows.append(row)

@@ -223,16 +223,15 @@ def ep_vs_sampled(cfg: BooleanConfig, functions: pd.DataFrame, n_samples: int, l
     """
     from tqdm.auto import tqdm
 
-    from ..prior.ep import log_prior_ep
-    from ..prior.kernels import arccos_kernel
+    from ..prior import ArcCosineNNGPKernel, log_prior
 
     n = cfg.widths[0]
     x = boolean_inputs(n, dtype=torch.float64)
-    K = arccos_kernel(x, n_hidden=len(cfg.widths) - 2, sigma_w=cfg.sigma_w, sigma_b=cfg.sigma_b)
+    K = ArcCosineNNGPKernel.from_fcn(FCN(cfg.widths, cfg.sigma_w, cfg.sigma_b))(x).to_dense()  # once for all f
     top = functions.head(cfg.n_ep_functions)
     rows = []
     for h, c in tqdm(list(zip(top["function"], top["count"])), desc="EP", disable=not progress, mininterval=2.0):
-        res = log_prior_ep(K, hex_to_function(h, n), likelihood=likelihood)
+        res = log_prior(K, y=hex_to_function(h, n), likelihood=likelihood)
         rows.append({"function": h, "count": int(c), "log10_prior": math.log10(c / n_samples),
-                     "log10_prior_ep": res.log_prob / math.log(10), "ep_converged": bool(res.converged)})
+                     "log10_prior_ep": res.log10_prob, "ep_converged": bool(res.converged)})
     return pd.DataFrame(rows)

@@ -65,6 +65,8 @@ class EPResult:
         likelihood: ``"heaviside"`` or ``"probit"``.
         damping: damping in use at the end (larger than requested if adaptive damping raised it).
         history: ``log_prob`` after each sweep (the first entry is at all sites zero).
+        label_encoding: how ``y`` was given: ``"0/1"``, ``"-1/+1"``, or ``"+1 only"`` / ``"0 only"`` for a
+            constant function (both encodings read 1 as the positive class).
     """
 
     log_prob: float
@@ -76,6 +78,7 @@ class EPResult:
     likelihood: str
     damping: float = 0.0
     history: list[float] = field(default_factory=list)
+    label_encoding: str = ""
 
     @property
     def log10_prob(self) -> float:
@@ -239,7 +242,15 @@ def _log_z_ep(log_zhat: Tensor, tau: Tensor, nu: Tensor, tau_c: Tensor, mu_c: Te
 # ----------------------------------------------------------------------------------------- validation
 
 
-def _validate_labels(y, n: int, device, dtype) -> Tensor:
+def _label_encoding(values: list[float]) -> str:
+    if -1.0 in values:
+        return "-1/+1"
+    if 0.0 in values:
+        return "0/1" if 1.0 in values else "0 only"
+    return "+1 only"
+
+
+def _validate_labels(y, n: int, device, dtype) -> tuple[Tensor, str]:
     if not torch.is_tensor(y):
         try:
             y = torch.as_tensor(y)
@@ -258,7 +269,7 @@ def _validate_labels(y, n: int, device, dtype) -> Tensor:
         shown = [int(v) if float(v).is_integer() else v for v in values[:10]]
         raise ValueError(f"{_FN}: y holds the values {shown}; expected binary labels, either 0/1 or -1/+1")
     y = y.to(device=device, dtype=dtype)
-    return torch.where(y > 0, torch.ones_like(y), -torch.ones_like(y))
+    return torch.where(y > 0, torch.ones_like(y), -torch.ones_like(y)), _label_encoding(values)
 
 
 def _validate_kernel(K: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -374,7 +385,7 @@ def log_prior_ep(K: Tensor, y, likelihood: str = "heaviside", max_iter: int = 10
         noise = 0.0 if likelihood == "heaviside" else 1.0
     noise = check_positive(_FN, "noise", noise, allow_zero=True)
     K = _validate_kernel(K, dtype)
-    y = _validate_labels(y, K.shape[0], K.device, K.dtype)
+    y, encoding = _validate_labels(y, K.shape[0], K.device, K.dtype)
 
     jitter = _psd_jitter(K) if check_psd else 0.0
     if jitter:
@@ -393,7 +404,8 @@ def log_prior_ep(K: Tensor, y, likelihood: str = "heaviside", max_iter: int = 10
         jitter += add
     log_z, converged, n_iter, tau, nu, history, damping = out
     return EPResult(log_prob=log_z, converged=converged, n_iter=n_iter, tau_tilde=tau, nu_tilde=nu,
-                    jitter=float(jitter), likelihood=likelihood, damping=float(damping), history=history)
+                    jitter=float(jitter), likelihood=likelihood, damping=float(damping), history=history,
+                    label_encoding=encoding)
 
 
 def _cavity(m: _Marginals, tau: Tensor, nu: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._device import resolve_device
+from .._modes import eval_mode
 from .ep import EPResult, log_prior_ep, to_log10
 from .kernels import ArcCosineNNGPKernel, arccos_kernel
 
@@ -28,16 +29,11 @@ def _fcn_kernel_args(model: nn.Module) -> tuple[int, float, float, int]:
 
 
 def _predicted_labels(model: nn.Module, x: Tensor) -> Tensor:
-    """Labels 1{f(x) > 0} of a single-output network, in eval mode, the model's mode restored."""
-    was_training = model.training
+    """Labels 1{f(x) > 0} of a single-output network, in eval mode, every module's mode restored."""
     device = resolve_device(None, model)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(x.to(device=device, dtype=dtype))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        out = model(x.to(device=device, dtype=dtype))
     return (out.reshape(len(x), -1)[:, 0] > 0).long()
 
 

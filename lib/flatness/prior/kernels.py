@@ -25,7 +25,6 @@ __all__ = ["arccos_kernel", "ArcCosineNNGPKernel", "empirical_nngp_kernel"]
 _FN = "arccos_kernel"
 # Elements per row block of the kernel: bounds the temporaries to a few hundred MiB whatever N is.
 _BLOCK_ELEMENTS = 2**24
-_TINY = 1e-300
 
 
 class _ArcCosJ(torch.autograd.Function):
@@ -54,7 +53,7 @@ def _arccos_block(x1: Tensor, x2: Tensor, d1: Tensor, d2: Tensor, n_hidden: int,
     if torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
         k = sb2 + (sw2 / d_in) * (x1 @ x2.transpose(-1, -2))  # (..., B, M)
         for _ in range(n_hidden):
-            norm = torch.sqrt(d1.unsqueeze(-1) * d2.unsqueeze(-2)).clamp_min(_TINY)
+            norm = torch.sqrt(d1.unsqueeze(-1) * d2.unsqueeze(-2)).clamp_min(torch.finfo(d1.dtype).tiny)
             k = sb2 + (sw2 / (2 * math.pi)) * norm * _ArcCosJ.apply(k / norm)
             d1 = sb2 + 0.5 * sw2 * d1
             d2 = sb2 + 0.5 * sw2 * d2
@@ -62,7 +61,7 @@ def _arccos_block(x1: Tensor, x2: Tensor, d1: Tensor, d2: Tensor, n_hidden: int,
     # The same recursion in place: four (B, M) buffers whatever n_hidden is.
     k = torch.matmul(x1, x2.transpose(-1, -2)).mul_(sw2 / d_in).add_(sb2)
     for _ in range(n_hidden):
-        norm = (d1.unsqueeze(-1) * d2.unsqueeze(-2)).sqrt_().clamp_min_(_TINY)  # 0 only for x = 0, sigma_b = 0
+        norm = (d1.unsqueeze(-1) * d2.unsqueeze(-2)).sqrt_().clamp_min_(torch.finfo(d1.dtype).tiny)  # 0 only for x = 0, sigma_b = 0
         c = k.div_(norm).clamp_(-1.0, 1.0)  # cos(theta), overwrites k
         t = torch.acos(c).neg_().add_(math.pi).mul_(c)  # (pi - theta) cos(theta)
         k = c.mul_(c).neg_().add_(1.0).clamp_min_(0.0).sqrt_().add_(t)  # sin(theta) + (pi - theta) cos(theta)
@@ -98,7 +97,7 @@ def _arccos(x1: Tensor, x2: Tensor | None, n_hidden: int, sigma_w: float, sigma_
         d2 = sb2 + (sw2 / d_in) * (x2 * x2).sum(-1)
         k = sb2 + (sw2 / d_in) * (x1 * x2).sum(-1)
         for _ in range(n_hidden):
-            norm = torch.sqrt(d1 * d2).clamp_min(_TINY)
+            norm = torch.sqrt(d1 * d2).clamp_min(torch.finfo(d1.dtype).tiny)
             k = sb2 + (sw2 / (2 * math.pi)) * norm * _ArcCosJ.apply(k / norm)
             d1, d2 = sb2 + 0.5 * sw2 * d1, sb2 + 0.5 * sw2 * d2
         return k

@@ -268,7 +268,11 @@ class FunctionCounts:
 
     # -- persistence --------------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write to a parquet file (the table, with the configuration in the schema metadata)."""
+        """Write to a parquet file (the table, with the configuration in the schema metadata).
+
+        Atomic: written to a temporary file beside ``path``, then renamed, so an interrupted write never
+        leaves a truncated file that a later run would load.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -277,7 +281,9 @@ class FunctionCounts:
                 "runs": list(self.runs)}
         tab = pa.Table.from_pandas(self.table, preserve_index=False)
         tab = tab.replace_schema_metadata({**(tab.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
-        pq.write_table(tab, str(path))
+        tmp = f"{path}.tmp-{os.getpid()}"
+        pq.write_table(tab, tmp)
+        os.replace(tmp, str(path))
 
     @classmethod
     def load(cls, path) -> FunctionCounts:
