@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_int
+from ._paths import REPO_ROOT
 from .boolean import boolean_inputs, function_to_hex, hex_to_function  # re-exported: the Boolean "dataset"
 
 __all__ = [
@@ -44,7 +45,6 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10")
 SPLITS = ("train", "test")
 SOURCES = ("auto", "full", "embedded")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_DIR = REPO_ROOT / "data"
 
 # (file, images key, labels key) per dataset and split; several files are concatenated in order.

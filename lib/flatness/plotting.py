@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ._paths import REPO_ROOT
 from .stats import correlation
 
 __all__ = ["figure_dir", "save_figure", "scatter_corr", "set_style"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def figure_dir(profile: str = "cpu") -> Path:

@@ -31,13 +31,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._paths import REPO_ROOT
+
 __all__ = ["ResultStore", "config_key", "environment_info", "results_dir"]
 
 
 def results_dir() -> Path:
     """Root of result tables: ``$FLATNESS_RESULTS_DIR`` or ``results/`` in the repository."""
     env = os.environ.get("FLATNESS_RESULTS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "results"
+    return Path(env) if env else REPO_ROOT / "results"
 
 
 def _plain(config) -> dict:
@@ -76,10 +78,9 @@ def environment_info() -> dict:
     except ImportError:  # pragma: no cover
         pass
     try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         info["git_commit"] = (commit + ("-dirty" if dirty else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
