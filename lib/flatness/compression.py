@@ -208,15 +208,8 @@ def _factored_gram(f: Callable[[Tensor], Tensor], xc: Tensor, name: str, layer: 
     probes = _Probes({name: layer}, outputs=True)
     zeros = {f"out:{name}": torch.zeros(xc.shape[0], layer.out_features, dtype=xc.dtype, device=xc.device)}
 
-    def g(pv: dict[str, Tensor]) -> Tensor:
-        probes.values = pv
-        try:
-            return f(xc)
-        finally:
-            probes.values = {}
-
     with probes:
-        gz = _jacobians(g, zeros, "loop")[f"out:{name}"]  # (n_c, k, m) float64
+        gz = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, "loop")[f"out:{name}"]  # (n_c, k, m) float64
     w = layer.weight.detach().to(torch.float64)
     return gz @ (w @ w.mT) @ gz.mT
 
@@ -607,6 +600,14 @@ class _Probes:
         self.calls: dict[str, int] = {}
         self.handles: list = []
 
+    def call(self, f: Callable[[Tensor], Tensor], x: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """``f(x)`` with the probe ``values`` added at the hooked layers (a pure function of ``values``)."""
+        self.values = values
+        try:
+            return f(x)
+        finally:
+            self.values = {}
+
     def __enter__(self) -> "_Probes":
         for name, mod in self.layers.items():
             self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
@@ -672,15 +673,8 @@ def _layer_jacobians(model: nn.Module, x: Tensor, output: str, chunk_size: int |
             zeros = {f"in:{nm}": torch.zeros_like(probes.inputs[nm]) for nm in layers}
             layer_inputs = {nm: t.detach() for nm, t in probes.inputs.items()}
 
-        def g(pv: dict[str, Tensor]) -> Tensor:
-            probes.values = pv
-            try:
-                return f(xc)
-            finally:
-                probes.values = {}
-
         with probes:
-            jac = _jacobians(g, zeros, method)
+            jac = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, method)
         yield layers, jac, layer_inputs
 
 
