@@ -62,7 +62,7 @@ setup() {
     local constraints=()
     [[ -f "$ROOT/requirements-lock.txt" ]] && constraints=(-c "$ROOT/requirements-lock.txt")
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      "${constraints[@]}" -e "$ROOT[notebooks,vit,test]"
+      "${constraints[@]}" -e "$ROOT[notebooks,vit,test,dask]"
     echo "$want" > "$stamp"
   fi
 }

@@ -17,7 +17,7 @@ def _name(req: str) -> str:
 def test_environment_yml_mirrors_pyproject():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = list(py["dependencies"])
-    for extra in ("notebooks", "vit", "test"):
+    for extra in ("notebooks", "vit", "test", "dask"):
         wanted += py["optional-dependencies"][extra]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d for d in env["dependencies"] if isinstance(d, dict))["pip"]

@@ -78,3 +78,37 @@ def check_data(fn: str, data) -> tuple[Tensor, Tensor]:
     check_same_length(fn, ("x", "y"), x, y)
     check_finite(fn, "x", x)
     return x, y
+
+
+def check_finite_params(fn: str, model) -> None:
+    """Raise if any parameter (or floating buffer) of ``model`` holds NaN or infinite values, naming the tensor."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                n_bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{fn}: model {kind} {name!r} holds {n_bad} non-finite value(s) (NaN or inf); "
+                                 f"a model with non-finite weights (e.g. from a diverged run) cannot be measured")
+
+
+def check_labels(fn: str, loss_fn, y: Tensor, n_outputs: int | None = None) -> None:
+    """Raise unless labels ``y`` are valid for ``loss_fn`` (one of :mod:`flatness.losses`; others pass through).
+
+    ``sigmoid_bce``: finite values in {0, 1} (or probabilities in [0, 1]). ``cross_entropy``: integer classes in
+    ``[0, n_outputs)``. ``half_mse``: finite values, integer classes in ``[0, n_outputs)`` or targets of any shape.
+    """
+    from . import losses  # local: losses does not depend on _checks
+
+    if not torch.is_tensor(y):
+        raise TypeError(f"{fn}: labels y must be a torch.Tensor, got {type(y).__name__}")
+    if (y.is_floating_point() or y.is_complex()) and not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{fn}: labels y hold {int((~torch.isfinite(y)).sum())} non-finite value(s) (NaN or inf)")
+    if loss_fn is losses.sigmoid_bce:
+        if y.numel() and (bool((y < 0).any()) or bool((y > 1).any())):
+            got = sorted({float(v) for v in torch.unique(y)[:6].tolist()})
+            raise ValueError(f"{fn}: labels y must lie in {{0, 1}} for sigmoid_bce; got values {got}")
+    elif loss_fn is losses.cross_entropy or (loss_fn is losses.half_mse and y.ndim == 1 and not y.is_floating_point()):
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise ValueError(f"{fn}: labels y must be integer class indices for {loss_fn.__name__}")
+        if y.numel() and n_outputs is not None and n_outputs > 1 and (int(y.min()) < 0 or int(y.max()) >= n_outputs):
+            raise ValueError(f"{fn}: labels y must be class indices in [0, {n_outputs - 1}] for {loss_fn.__name__} "
+                             f"with {n_outputs} outputs; got min {int(y.min())}, max {int(y.max())}")
