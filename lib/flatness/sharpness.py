@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._checks import check_choice, check_data, check_int, check_positive
-from .hessian import HessianOperator, TraceEstimate, _check_batch_size, _check_loss, _chunks, _FunctionalModel, \
-    _grads, hessian_eigenvalues, hessian_trace, per_example_grad_norms_sq
+from ._functional import _check_batch_size, _check_loss, _chunks, _FunctionalModel, _grads
+from .hessian import HessianOperator, TraceEstimate, hessian_eigenvalues, hessian_trace, per_example_grad_norms_sq
 from .models import parametrized_layers
 
 __all__ = [
