@@ -6,7 +6,7 @@ representations"). Submodules: ``data``, ``models``, ``losses``, ``train``, ``sh
 ``compression``, ``bounds``, ``prior``, ``results``, ``stats``, ``plotting``, ``experiments``.
 """
 
-from . import data, results, stats, train  # noqa: F401  (submodules as attributes)
+from . import data, results, runs, stats, train  # noqa: F401  (submodules as attributes)
 from ._device import default_device
 from .boolean import boolean_inputs, function_to_hex, hex_to_function
 from .data import binary_task, load_dataset

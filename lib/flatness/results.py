@@ -302,20 +302,23 @@ class ResultStore:
             if bad:
                 raise ValueError(f"ResultStore.append: rows carry key(s) {sorted(bad)} but config has key {key}")
             df = df.drop(columns="key")
-        df.insert(0, "key", key)
+        extra: dict = {}
         for k, v in cfg.items():
             col = f"cfg_{k}"
             if col not in df.columns:
-                df[col] = _json(v) if isinstance(v, (dict, list, tuple)) else v
-        df["config"] = _json(cfg)
+                extra[col] = _json(v) if isinstance(v, (dict, list, tuple)) else v
+        extra["config"] = _json(cfg)
         if dataclasses.is_dataclass(config):
-            df["config_class"] = type(config).__qualname__
+            extra["config_class"] = type(config).__qualname__
             version = getattr(type(config), "VERSION", None)
             if version is not None:
-                df["config_version"] = version
-        df["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
-        for k, v in environment_info().items():
-            df[k] = v
+                extra["config_version"] = version
+        extra["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+        extra.update(environment_info())
+        df = df.drop(columns=[k for k in extra if k in df.columns])  # store-owned columns win
+        n = len(df)
+        df = pd.concat([pd.DataFrame({"key": [key] * n}, index=df.index), df,
+                        pd.DataFrame({k: [v] * n for k, v in extra.items()}, index=df.index)], axis=1)
         self.path.mkdir(parents=True, exist_ok=True)
         self.clean_tmp()
         suffix = ".error.parquet" if _is_error_frame(df) else ".parquet"
