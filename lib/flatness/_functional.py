@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._checks import check_int
+from ._checks import check_finite_params, check_int, check_labels
 from ._device import resolve_device
 from ._modes import eval_mode
 
@@ -51,6 +51,7 @@ class _FunctionalModel:
     def __init__(self, fn: str, model: nn.Module, *, params=None, dtype: torch.dtype | None = None,
                  device=None, eval_mode: bool = True):
         _check_model(fn, model)
+        check_finite_params(fn, model)
         self.model, self.eval_mode = model, bool(eval_mode)
         self.device = resolve_device(device, model)
         named = dict(model.named_parameters())
@@ -80,6 +81,9 @@ class _FunctionalModel:
                 raise ValueError(f"{fn}: unknown params entry {n!r}; expected names from model.named_parameters()")
             if not torch.is_tensor(v) or tuple(v.shape) != tuple(named[n].shape):
                 raise ValueError(f"{fn}: params[{n!r}] must be a tensor of shape {tuple(named[n].shape)}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{fn}: params[{n!r}] holds {int((~torch.isfinite(v)).sum())} non-finite "
+                                 f"value(s) (NaN or inf)")
         if not values:
             raise ValueError(f"{fn}: no parameter selected (none requires grad); pass params explicitly")
         self.names = list(values)
@@ -109,6 +113,17 @@ class _FunctionalModel:
         return x, y
 
 
+    def n_outputs(self, x: Tensor) -> int:
+        """Size of the last output dimension on one example (1 for scalar outputs)."""
+        with torch.no_grad():
+            out = self(self.params, x[:1])
+        return int(out.shape[-1]) if out.ndim >= 2 else 1
+
+    def check_labels(self, fn: str, loss_fn, x: Tensor, y: Tensor) -> None:
+        """:func:`flatness._checks.check_labels` with the model's number of outputs."""
+        check_labels(fn, loss_fn, y, self.n_outputs(x))
+
+
 def _chunks(x: Tensor, y: Tensor, batch_size: int | None) -> list[tuple[Tensor, Tensor, float]]:
     """Split the data into consecutive chunks with weights ``len(chunk) / n`` (mean-loss accumulation)."""
     n = len(x)
@@ -128,3 +143,532 @@ def _grads(loss: Tensor, leaves: Sequence[Tensor], *, create_graph: bool = False
     gs = torch.autograd.grad(loss, leaves, create_graph=create_graph, retain_graph=retain_graph or create_graph,
                              allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, leaves)]
+
+
+# --------------------------------------------------------------------------------------------------
+# compression metrics and bounds: model calls, probes, Jacobian passes (flatness.compression, flatness.bounds)
+# --------------------------------------------------------------------------------------------------
+# The model is called with detached parameters (no parameter graph); Jacobians of a chunk of inputs come
+# from k backward passes of the batch-summed outputs with zero "probe" tensors added at the inputs and/or
+# outputs of the Linear/Conv layers. The memory format of every tensor is the model's own (no
+# channels-last copies: a forward calling ``x.view`` must keep working).
+
+import math  # noqa: E402
+import re  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch.func import jacrev, jvp, vmap  # noqa: E402
+
+from ._checks import check_finite, check_finite_params  # noqa: E402
+from .models import parametrized_layers  # noqa: E402
+
+#: Allowed values of ``output`` in flatness.compression: raw outputs, or their sigmoid / softmax (last dim).
+OUTPUTS = ("logits", "sigmoid", "softmax")
+# Elements (not bytes) a chunk may hold in Jacobians plus vectorised activations when chunk_size=None.
+_CHUNK_BUDGET = 2**26
+# RuntimeError messages of a forward that got an input of the wrong shape.
+_SHAPE_ERROR = re.compile(r"shape|size|mat1|channels|dimension|expected input", re.IGNORECASE)
+
+
+def _check_model_input(fn: str, model, x) -> tuple[Tensor, torch.device, torch.dtype]:
+    """Validate ``model`` (finite parameters) and ``x`` ``(N, ...)``; ``x`` on the model's device and dtype."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_finite_params(fn, model)
+    if not torch.is_tensor(x):
+        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}; expected (N, ...) with a leading batch dimension")
+    if len(x) == 0:
+        raise ValueError(f"{fn}: x is empty (0 inputs); expected at least one input")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got dtype {x.dtype}")
+    check_finite(fn, "x", x)
+    device = resolve_device(None, model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    return x.detach().to(device=device, dtype=dtype), device, dtype
+
+
+def _output_transform(output: str) -> Callable[[Tensor], Tensor]:
+    if output == "sigmoid":
+        return torch.sigmoid
+    if output == "softmax":
+        return lambda z: torch.softmax(z, dim=-1)
+    return lambda z: z
+
+
+def _as_2d(out: Tensor) -> Tensor:
+    """Model output ``(N,)`` or ``(N, ...)`` as ``(N, k)``."""
+    return out.reshape(out.shape[0], -1)
+
+
+def _model_fn(model: nn.Module, output: str = "logits") -> Callable[[Tensor], Tensor]:
+    """``x -> g(model(x))`` as ``(N, k)`` with detached parameters (no parameter graph is built)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    post = _output_transform(output)
+
+    def f(x: Tensor) -> Tensor:
+        return post(_as_2d(functional_call(model, params, (x,))))
+
+    return f
+
+
+def _first_forward(fn: str, model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``f(x[:1])`` without gradients; a shape error of the model is re-raised as a ``ValueError`` naming ``x``.
+
+    The message gives ``x``'s shape and, when the first Linear/Conv layer called is known, the number of
+    input features (Linear) or channels (Conv) it expects and what it got.
+    """
+    first: list[tuple[nn.Module, Tensor]] = []
+    wanted = {id(m) for m in parametrized_layers(model)}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def pre(mod, args):
+        if not first and args and torch.is_tensor(args[0]):
+            first.append((mod, args[0]))
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules() if id(m) in wanted]
+    try:
+        with torch.no_grad():
+            return f(x[:1])
+    except RuntimeError as exc:
+        if not _SHAPE_ERROR.search(str(exc)):
+            raise
+        if first:
+            mod, h = first[0]
+        else:
+            mod, h = next(iter(parametrized_layers(model)), None), None
+        expect = ""
+        if isinstance(mod, nn.Linear):
+            got = f", got {h.shape[-1]} (layer input of shape {tuple(h.shape[1:])} per input)" if h is not None else ""
+            expect = (f"; the first layer {names[id(mod)]!r} (Linear) expects {mod.in_features} input "
+                      f"features{got}")
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            got = (f", got {h.shape[1]} (layer input of shape {tuple(h.shape[1:])} per input)"
+                   if h is not None and h.ndim > 1 else "")
+            expect = (f"; the first layer {names[id(mod)]!r} ({type(mod).__name__}) expects {mod.in_channels} "
+                      f"input channels{got}")
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)} ({tuple(x.shape[1:])} per input), which the model "
+                         f"cannot take{expect}; the forward raised: {exc}") from exc
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def _activation_numel(model: nn.Module, x1: Tensor) -> int:
+    """Per-example number of elements in all leaf-module outputs (one forward on one input)."""
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if torch.is_tensor(out):
+            total += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            out = model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return total + out.numel()
+
+
+def _chunk(chunk_size: int | None, n: int, per_example: int) -> int:
+    if chunk_size is not None:
+        return min(chunk_size, n)
+    return max(1, min(n, _CHUNK_BUDGET // max(1, per_example)))
+
+
+def _input_linear(model: nn.Module, x1: Tensor) -> tuple[str, nn.Linear] | None:
+    """The first Linear/Conv layer called, if it is an ``nn.Linear`` whose input is a view of ``x`` itself.
+
+    Checked at run time: the layer's input shares ``x``'s memory with shape ``(1, d)`` and unit stride (so
+    only ``flatten``/``view`` lie between), and ``x`` was not modified in place.
+    """
+    wanted = {id(m) for m in parametrized_layers(model)}
+    seen: list[tuple[str, nn.Module, Tensor]] = []
+    xx = x1.detach().clone().contiguous()
+    version = xx._version
+
+    def hook(name):
+        def h(mod, args):
+            if not seen:
+                seen.append((name, mod, args[0]))
+        return h
+
+    handles = [m.register_forward_pre_hook(hook(nm)) for nm, m in model.named_modules() if id(m) in wanted]
+    try:
+        with torch.no_grad():
+            model(xx)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        return None
+    name, mod, h = seen[0]
+    d = xx.numel()
+    ok = (isinstance(mod, nn.Linear) and torch.is_tensor(h) and h.shape == (1, d) and h.stride(-1) == 1
+          and h.data_ptr() == xx.data_ptr() and xx._version == version)
+    return (name, mod) if ok else None
+
+
+class _Probes:
+    """Forward hooks adding zero "probe" tensors to the input (and optionally output) of given layers.
+
+    The Jacobian of the output w.r.t. a probe at layer ``l``'s input (key ``"in:l"``) is
+    :math:`\\partial f / \\partial h_{l-1}` *through layer l* (exactly :math:`\\partial f / \\partial h_{l-1}`
+    in a sequential network); at the output (key ``"out:l"``) it is :math:`\\partial f / \\partial z_l`. Only
+    the keys present in the values passed to :meth:`call` are added. Layer inputs seen during the forward
+    are recorded (detached copies, so later in-place operations of the model cannot change them), and the
+    per-example output shapes.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], outputs: bool = False):
+        self.layers, self.outputs = layers, outputs
+        self.values: dict[str, Tensor] = {}
+        self.inputs: dict[str, Tensor] = {}
+        self.out_shapes: dict[str, tuple[int, ...]] = {}
+        self.calls: dict[str, int] = {}
+        self.handles: list = []
+
+    def call(self, f: Callable[[Tensor], Tensor], x: Tensor, values: dict[str, Tensor]) -> Tensor:
+        """``f(x)`` with the probe ``values`` added at the hooked layers (a pure function of ``values``)."""
+        self.values = values
+        try:
+            return f(x)
+        finally:
+            self.values = {}
+
+    def __enter__(self) -> "_Probes":
+        for name, mod in self.layers.items():
+            self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(mod.register_forward_hook(self._post(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _pre(self, name: str):
+        def hook(_mod, args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            h = args[0]
+            self.inputs[name] = h.detach().clone()
+            key = f"in:{name}"
+            if key in self.values:
+                return (h + self.values[key],) + tuple(args[1:])
+            return None
+        return hook
+
+    def _post(self, name: str):
+        def hook(_mod, _args, out):
+            if torch.is_tensor(out):
+                self.out_shapes[name] = tuple(out.shape[1:])
+            key = f"out:{name}"
+            if self.outputs and key in self.values:
+                return out + self.values[key]
+            return None
+        return hook
+
+
+def _called_layers(fn: str, model: nn.Module, x1: Tensor) -> tuple[dict[str, nn.Module], dict[str, Tensor],
+                                                                    dict[str, tuple[int, ...]]]:
+    """Linear/Conv layers called in a forward of ``x1``, in call order, their inputs and per-example output shapes."""
+    wanted = {id(m) for m in parametrized_layers(model)}
+    named = {n: m for n, m in model.named_modules() if id(m) in wanted}
+    with _Probes(named) as pr:
+        _first_forward(fn, model, model, x1)
+    twice = [n for n, c in pr.calls.items() if c > 1]
+    if twice:
+        raise ValueError(f"{fn}: layers {twice} are called more than once per forward (weight sharing); "
+                         "expected every Linear/Conv layer to be called once")
+    order = list(pr.inputs)
+    if not order:
+        raise ValueError(f"{fn}: model has no nn.Linear/nn.Conv layer called in its forward; expected at least one")
+    return {n: named[n] for n in order}, {n: pr.inputs[n] for n in order}, dict(pr.out_shapes)
+
+
+def _per_example_numel(method: str, k: int, d: int, act: int) -> int:
+    """Elements held per input: the Jacobian plus the activations, vectorised over k (rev) or d (fwd)."""
+    if method in ("loop", "factored"):
+        return act + 2 * k * d
+    n_ad = d if method == "fwd" else k
+    return n_ad * (act + d) + k * d
+
+
+def _jacobians(fn: Callable[[dict[str, Tensor]], Tensor], inputs: dict[str, Tensor],
+               method: str) -> dict[str, Tensor]:
+    """Per-example Jacobians of ``fn(inputs) (N, k)`` w.r.t. each ``inputs[name] (N, *shape)``.
+
+    Returns ``{name: (N, k, prod(shape))}``. ``rev``: ``jacrev`` of the batch-summed output (one backward
+    pass vectorised over the k outputs); ``loop``: k plain backward passes (rows written into float64
+    buffers); ``fwd``: ``jvp`` vectorised over the input coordinates (a single input tensor, used when k > d).
+    """
+    names = list(inputs)
+    n = next(iter(inputs.values())).shape[0]
+    if method == "rev":
+        jac = jacrev(lambda inp: fn(inp).sum(0))(inputs)  # {name: (k, N, *shape)}
+        return {nm: jac[nm].movedim(0, 1).reshape(n, jac[nm].shape[0], -1) for nm in names}
+    if method == "loop":
+        leaves = {nm: t.detach().requires_grad_(True) for nm, t in inputs.items()}
+        with torch.enable_grad():
+            out = fn(leaves)
+            k = out.shape[1]
+            jac = {nm: torch.zeros(n, k, t[0].numel(), dtype=torch.float64, device=t.device)
+                   for nm, t in leaves.items()}
+            for j in range(k):
+                grads = torch.autograd.grad(out[:, j].sum(), [leaves[nm] for nm in names],
+                                            retain_graph=j < k - 1, allow_unused=True)
+                for nm, g in zip(names, grads):
+                    if g is not None:
+                        jac[nm][:, j].view(g.shape).copy_(g)
+        return jac
+    (nm,) = names  # forward mode: tangent e_j (same coordinate for every example) gives column j of every J_i
+    x = inputs[nm]
+    d = x[0].numel()
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:]).expand(d, *x.shape)
+    cols = vmap(lambda t: jvp(lambda z: fn({nm: z}), (x,), (t,))[1])(basis)  # (d, N, k)
+    return {nm: cols.permute(1, 2, 0)}
+
+
+def _factored_gram(f: Callable[[Tensor], Tensor], xc: Tensor, name: str, layer: nn.Linear) -> Tensor:
+    """:math:`J J^\\top = G (W W^\\top) G^\\top` with :math:`G = \\partial f / \\partial z_1`, ``(n_c, k, k)`` float64.
+
+    Backward passes stop at the first layer's output (a probe), so the :math:`k \\times m \\times d` input
+    gradient of the first layer is never formed; exact because :math:`J = G W`.
+    """
+    probes = _Probes({name: layer}, outputs=True)
+    zeros = {f"out:{name}": torch.zeros(xc.shape[0], layer.out_features, dtype=xc.dtype, device=xc.device)}
+    with probes:
+        gz = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, "loop")[f"out:{name}"]  # (n_c, k, m) float64
+    w = layer.weight.detach().to(torch.float64)
+    return gz @ (w @ w.mT) @ gz.mT
+
+
+def _spectrum(jac: Tensor, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """Eigenvalues of :math:`J J^\\top` (descending, the min(k, D) largest) and :math:`\\lVert J\\rVert_F^2`.
+
+    ``jac`` is ``(N, k, D)``; the Gram matrix (the smaller of :math:`J J^\\top`, :math:`J^\\top J`) and
+    ``eigvalsh`` run in float64. ``eps``: machine epsilon of the computation (default: ``jac``'s dtype).
+    """
+    n, k, dim = jac.shape
+    j64 = jac.to(torch.float64)
+    gram = j64 @ j64.mT if k <= dim else j64.mT @ j64
+    return _gram_spectrum(gram, max(k, dim), torch.finfo(jac.dtype).eps if eps is None else eps)
+
+
+def _gram_spectrum(gram: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Descending eigenvalues of a float64 Gram matrix ``(N, r, r)`` and its trace.
+
+    Eigenvalues below :math:`\\lambda_1 \\max((m\\epsilon)^2, m\\epsilon_{64})` are set to exactly 0
+    (flatness.compression module docstring), ``m = max(k, D)``.
+    """
+    fro2 = gram.diagonal(dim1=1, dim2=2).sum(1)  # tr(J J^T) = ||J||_F^2
+    lam = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)  # (N, r) descending
+    tol = lam[:, :1] * max((m * eps) ** 2, m * torch.finfo(torch.float64).eps)
+    lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
+    return lam, fro2
+
+
+def _log_volume(lam: Tensor, top_k: int | None) -> Tensor:
+    """:math:`\\tfrac12 \\sum_{j \\le \\text{top\\_k}} \\log \\lambda_j` (-inf when one of them is 0)."""
+    sel = lam if top_k is None else lam[:, :top_k]
+    return 0.5 * torch.log(sel).sum(dim=1)
+
+
+def _layer_jacobians(model: nn.Module, x: Tensor, output: str, chunk_size: int | None, method: str, fn: str):
+    """Generator over chunks: ``(layers, {"in:l": (n_c, k, D_l)}, {l: layer input (n_c, ...)})``."""
+    layers, inputs1, _ = _called_layers(fn, model, x[:1])
+    f = _model_fn(model, output)
+    with torch.no_grad():
+        k = f(x[:1]).shape[1]
+    probe_numel = sum(t[0].numel() for t in inputs1.values())
+    n = x.shape[0]
+    size = _chunk(chunk_size, n, _per_example_numel(method, k, 2 * probe_numel, _activation_numel(model, x[:1])))
+    for s in range(0, n, size):
+        xc = x[s:s + size]
+        probes = _Probes(layers)
+        zeros = {f"in:{nm}": torch.zeros(len(xc), *inputs1[nm].shape[1:], dtype=xc.dtype, device=xc.device)
+                 for nm in layers}
+        with probes:
+            jac = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, method)
+        yield layers, jac, {nm: t for nm, t in probes.inputs.items()}
+
+
+# ---- one pass for the bounds: input-Jacobian spectra, per-example weight-gradient norms, layer-input norms
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _param_name(layer: str, p: str) -> str:
+    return f"{layer}.{p}" if layer else p
+
+
+def _grad_supported(mod: nn.Module) -> bool:
+    """Layers whose per-example weight-gradient norms :func:`_pass_terms` computes from activations."""
+    if isinstance(mod, nn.Linear):
+        return True
+    return (isinstance(mod, _CONVS) and mod.padding_mode == "zeros"
+            and not (isinstance(mod.padding, str) and mod.padding != "valid"))
+
+
+def _patches(mod: nn.Module, h: Tensor) -> Tensor:
+    """Conv input ``h`` as patches ``(N, groups, P, D_g)`` (P output positions, D_g = C_in/groups * kernel)."""
+    if isinstance(mod, nn.Conv1d):
+        h = h.unsqueeze(2)
+        ks, dil, st = (1, mod.kernel_size[0]), (1, mod.dilation[0]), (1, mod.stride[0])
+        pad = (0, 0) if isinstance(mod.padding, str) else (0, mod.padding[0])
+    else:
+        ks, dil, st = mod.kernel_size, mod.dilation, mod.stride
+        pad = (0, 0) if isinstance(mod.padding, str) else mod.padding
+    u = F.unfold(h, ks, dilation=dil, padding=pad, stride=st)  # (N, C_in * kernel, P)
+    n, dk, p = u.shape
+    return u.reshape(n, mod.groups, dk // mod.groups, p).transpose(2, 3)
+
+
+class _GradSq:
+    """Accumulates :math:`\\sum_j \\lVert \\nabla_{W} f_j(x_i)\\rVert_F^2` (and the bias's) of one layer over outputs j.
+
+    From the layer input :math:`h` and the output gradient :math:`\\delta_j = \\partial f_j / \\partial z`,
+    never from per-example parameter gradients of the whole network:
+
+    * Linear on ``(N, features)``: :math:`\\lVert \\delta_j h^\\top\\rVert_F^2 = \\lVert\\delta_j\\rVert^2 \\lVert h\\rVert^2`.
+    * weight shared over P positions (Conv, Linear on ``(N, ..., features)``):
+      :math:`\\nabla_W f_j = \\sum_p \\delta_{j,p} h_p^\\top` (patches :math:`h_p`), either formed directly
+      (a ``(C_out, P) @ (P, D)`` product) or through the ghost-norm identity
+      :math:`\\lVert\\sum_p \\delta_p h_p^\\top\\rVert_F^2 = \\sum_{p,q} (\\delta_p\\cdot\\delta_q)(h_p\\cdot h_q)`
+      (float64 ``P x P`` Gram matrices, the patch Gram shared by the k outputs), whichever costs less.
+    """
+
+    def __init__(self, mod: nn.Module, h: Tensor, k: int):
+        self.mod, self.n = mod, h.shape[0]
+        self.w = torch.zeros(self.n, dtype=torch.float64, device=h.device)
+        self.b = torch.zeros_like(self.w)
+        if isinstance(mod, nn.Linear) and h.ndim == 2:
+            self.kind, self.h2 = "dense", h.to(torch.float64).pow(2).sum(1)
+            return
+        if isinstance(mod, nn.Linear):
+            u = h.reshape(self.n, 1, -1, h.shape[-1])  # (N, 1, P, in)
+        else:
+            u = _patches(mod, h)  # (N, g, P, D_g)
+        self.groups, p, dg = u.shape[1], u.shape[2], u.shape[3]
+        c_out = (mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels) // self.groups
+        direct, ghost = c_out * p * dg, 2 * (p * p * c_out + p * p * dg / k)  # per (input, output), float64 x2
+        if ghost < direct:
+            u64 = u.to(torch.float64)
+            self.kind, self.hh = "ghost", u64 @ u64.mT  # (N, g, P, P)
+        else:
+            self.kind, self.u = "direct", u
+
+    def add(self, delta: Tensor) -> None:
+        """Add output j's term; ``delta`` is :math:`\\partial f_j/\\partial z` ``(N, *out_shape)``."""
+        n = self.n
+        if self.kind == "dense":
+            d2 = delta.to(torch.float64).pow(2).sum(1)
+            self.w += d2 * self.h2
+            self.b += d2
+            return
+        if isinstance(self.mod, nn.Linear):
+            dl = delta.reshape(n, 1, -1, delta.shape[-1]).transpose(2, 3)  # (N, 1, out, P)
+        else:
+            dl = delta.reshape(n, self.groups, delta.shape[1] // self.groups, -1)  # (N, g, C_out/g, P)
+        self.b += dl.sum(3).to(torch.float64).pow(2).sum((1, 2))
+        if self.kind == "direct":
+            self.w += (dl @ self.u).to(torch.float64).pow(2).sum((1, 2, 3))
+        else:
+            d64 = dl.to(torch.float64)
+            self.w += ((d64.mT @ d64) * self.hh).sum((1, 2, 3))
+
+
+@dataclass
+class _PassTerms:
+    """What :func:`_pass_terms` returns; per-input tensors are float64 on the CPU."""
+
+    layers: dict[str, nn.Module]  # Linear/Conv layers called, forward order
+    out_shapes: dict[str, tuple[int, ...]]  # per-example output shape of each layer
+    k: int  # number of outputs
+    lam: dict[str, Tensor] = field(default_factory=dict)  # {layer | "x": (N, r) eigenvalues of J J^T, descending}
+    fro2: dict[str, Tensor] = field(default_factory=dict)  # {layer | "x": (N,) ||J||_F^2}
+    h_norm: dict[str, Tensor] = field(default_factory=dict)  # {layer: (N,) ||h_{l-1}||}
+    grad_sq: dict[str, Tensor] = field(default_factory=dict)  # {param name: (N,) sum_j ||grad_p f_j||_F^2}
+
+
+def _pass_terms(fn: str, model: nn.Module, x: Tensor, *, gram_layers=(), grad_layers=(),
+                x_factored: str | None = None, chunk_size: int | None = None) -> _PassTerms:
+    """One set of k backward passes (per chunk) giving every term of the bounds.
+
+    Args:
+        gram_layers: layers whose input Jacobian :math:`\\partial f/\\partial h_{l-1}` spectrum is wanted (input probes).
+        grad_layers: layers whose weight/bias squared gradient norms are wanted (output probes, :class:`_GradSq`);
+            unsupported layers (:func:`_grad_supported`) are skipped (the caller computes them otherwise).
+        x_factored: name of a first ``nn.Linear`` applied to ``x.flatten(1)`` itself: the input-Jacobian
+            spectrum (key ``"x"``) from :math:`J = \\delta_1 W` with its output gradient :math:`\\delta_1`.
+    """
+    layers, inputs1, out_shapes = _called_layers(fn, model, x[:1])
+    f = _model_fn(model, "logits")
+    with torch.no_grad():
+        k = f(x[:1]).shape[1]
+    gram_layers = [nm for nm in layers if nm in set(gram_layers)]
+    grad_layers = [nm for nm in layers if nm in set(grad_layers) and _grad_supported(layers[nm])]
+    if x_factored is not None and x_factored not in grad_layers:
+        grad_layers.insert(0, x_factored)
+    dims = {nm: inputs1[nm][0].numel() for nm in gram_layers}
+    per_ex = (2 * _activation_numel(model, x[:1]) + 2 * k * sum(dims.values())
+              + sum(2 * math.prod(out_shapes[nm]) + 4 * inputs1[nm][0].numel() * 9 for nm in grad_layers))
+    n = x.shape[0]
+    size = _chunk(chunk_size, n, per_ex)
+    eps = torch.finfo(x.dtype).eps
+    res = _PassTerms(layers, out_shapes, k)
+    parts: dict[str, list[Tensor]] = {}
+    for s in range(0, n, size):
+        xc = x[s:s + size]
+        nc = len(xc)
+        zeros = {f"in:{nm}": torch.zeros(nc, *inputs1[nm].shape[1:], dtype=xc.dtype, device=xc.device)
+                 for nm in gram_layers}
+        zeros.update({f"out:{nm}": torch.zeros(nc, *out_shapes[nm], dtype=xc.dtype, device=xc.device)
+                      for nm in grad_layers})
+        leaves = {key: t.requires_grad_(True) for key, t in zeros.items()}
+        probes = _Probes(layers, outputs=True)
+        with probes, torch.enable_grad():
+            out = probes.call(f, xc, leaves)
+        inputs = probes.inputs
+        acc = {nm: _GradSq(layers[nm], inputs[nm], k) for nm in grad_layers}
+        rows = {nm: torch.zeros(nc, k, dims[nm], dtype=torch.float64, device=xc.device) for nm in gram_layers}
+        if x_factored is not None:
+            rows["x"] = torch.zeros(nc, k, layers[x_factored].out_features, dtype=torch.float64, device=xc.device)
+        keys = list(leaves)
+        for j in range(k):
+            grads = torch.autograd.grad(out[:, j].sum(), [leaves[key] for key in keys], retain_graph=j < k - 1,
+                                        allow_unused=True)
+            for key, g in zip(keys, grads):
+                if g is None:
+                    continue
+                kind, nm = key.split(":", 1)
+                if kind == "in":
+                    rows[nm][:, j] = g.reshape(nc, -1)
+                else:
+                    acc[nm].add(g)
+                    if nm == x_factored:
+                        rows["x"][:, j] = g
+        for nm, r in rows.items():
+            if nm == "x":
+                w = layers[x_factored].weight.detach().to(torch.float64)
+                lam, fro2 = _gram_spectrum(r @ (w @ w.mT) @ r.mT, max(k, x[0].numel()), eps)
+            else:
+                lam, fro2 = _spectrum(r, eps)
+            parts.setdefault(f"lam:{nm}", []).append(lam.cpu())
+            parts.setdefault(f"fro2:{nm}", []).append(fro2.cpu())
+        for nm, a in acc.items():
+            parts.setdefault(f"g:{_param_name(nm, 'weight')}", []).append(a.w.cpu())
+            if layers[nm].bias is not None:
+                parts.setdefault(f"g:{_param_name(nm, 'bias')}", []).append(a.b.cpu())
+        for nm in layers:
+            parts.setdefault(f"h:{nm}", []).append(inputs[nm].reshape(nc, -1).to(torch.float64).norm(dim=1).cpu())
+    for key, v in parts.items():
+        kind, nm = key.split(":", 1)
+        target = {"lam": res.lam, "fro2": res.fro2, "h": res.h_norm, "g": res.grad_sq}[kind]
+        target[nm] = torch.cat(v)
+    return res

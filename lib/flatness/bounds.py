@@ -56,15 +56,15 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_int, check_positive
-from .compression import (
+from ._functional import (
     _called_layers,
     _check_model_input,
-    _eval_mode,
-    _functional,
     _layer_jacobians,
+    _model_fn as _functional,
     _spectrum,
-    local_metrics,
 )
+from ._modes import eval_mode as _eval_mode
+from .compression import local_metrics
 from .losses import half_mse
 from .sharpness import hessian_trace, per_example_grad_norms_sq
 
@@ -195,7 +195,7 @@ def _trace_hessian(model: nn.Module, x: Tensor, trace_hessian, chunk_size: int |
 def _first_linear(fn: str, model: nn.Module, x: Tensor) -> tuple[str, nn.Linear]:
     """The first Linear/Conv layer called; it must be an ``nn.Linear`` fed by ``x.flatten(1)`` itself."""
     with _eval_mode(model):
-        layers, inputs = _called_layers(fn, model, x[:1])
+        layers, inputs, _ = _called_layers(fn, model, x[:1])
     name, layer = next(iter(layers.items()))
     if not isinstance(layer, nn.Linear):
         raise NotImplementedError(

@@ -25,8 +25,9 @@ vectorised over the outputs; forward mode when :math:`k > d`), and the spectrum 
 :math:`k \times k` Gram matrix :math:`J J^\top` with ``eigvalsh`` in float64 (:math:`O(k^2 d)` instead
 of an SVD). When the first layer is an ``nn.Linear`` on the flattened input with fewer outputs
 :math:`m` than inputs, :math:`J J^\top = G W W^\top G^\top` with :math:`G = \partial f/\partial z_1`
-(``method="factored"``) and the backward passes stop before the first layer. On CPU, 4-D inputs
-and conv weights run in channels-last memory format. Inputs too large for a dense Jacobian (ImageNet
+(``method="factored"``) and the backward passes stop before the first layer. The model sees its inputs
+and weights in their own memory format (no channels-last copies), so any ``nn.Module`` works, including
+forwards that call ``x.view(x.size(0), -1)`` as the authors' CNN classes do. Inputs too large for a dense Jacobian (ImageNet
 ViTs) use :func:`top_singular_values` (subspace iteration with JVPs/VJPs) or :func:`adversarial_mls`.
 
 Conventions (all functions)
@@ -54,17 +55,28 @@ Conventions (all functions)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._checks import check_choice, check_int, check_positive
+from ._functional import (
+    OUTPUTS,
+    _activation_numel,
+    _check_model_input,
+    _chunk,
+    _factored_gram,
+    _first_forward,
+    _gram_spectrum,
+    _input_linear,
+    _jacobians,
+    _layer_jacobians,
+    _log_volume,
+    _model_fn,
+    _per_example_numel,
+    _spectrum,
+)
 from ._modes import eval_mode
-from ._checks import check_choice, check_finite, check_int, check_positive
-from ._device import resolve_device
-from .models import parametrized_layers
 
 __all__ = [
     "local_metrics",
@@ -76,218 +88,7 @@ __all__ = [
     "OUTPUTS",
 ]
 
-#: Allowed values of ``output``: the raw model outputs, or their sigmoid / softmax (over the last dim).
-OUTPUTS = ("logits", "sigmoid", "softmax")
 _METHODS = ("auto", "rev", "fwd", "loop", "factored")
-# Elements (not bytes) a chunk may hold in Jacobians plus vectorised activations when chunk_size=None.
-_CHUNK_BUDGET = 2**26
-
-
-# ----------------------------------------------------------------------------------------- helpers
-_eval_mode = eval_mode  # shared by flatness.bounds
-
-
-def _check_model_input(fn: str, model, x) -> tuple[Tensor, torch.device, torch.dtype]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not torch.is_tensor(x):
-        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
-    if x.ndim < 2:
-        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}; expected (N, ...) with a leading batch dimension")
-    if len(x) == 0:
-        raise ValueError(f"{fn}: x is empty (0 inputs); expected at least one input")
-    if not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor, got dtype {x.dtype}")
-    check_finite(fn, "x", x)
-    device = resolve_device(None, model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-    return x.detach().to(device=device, dtype=dtype), device, dtype
-
-
-def _output_transform(output: str) -> Callable[[Tensor], Tensor]:
-    if output == "sigmoid":
-        return torch.sigmoid
-    if output == "softmax":
-        return lambda z: torch.softmax(z, dim=-1)
-    return lambda z: z
-
-
-def _as_2d(out: Tensor) -> Tensor:
-    """Model output ``(N,)`` or ``(N, ...)`` as ``(N, k)``."""
-    return out.reshape(out.shape[0], -1)
-
-
-def _functional(model: nn.Module, output: str = "logits",
-                channels_last: bool = False) -> Callable[[Tensor], Tensor]:
-    """``x -> g(model(x))`` as ``(N, k)`` with detached parameters (no parameter graph is built).
-
-    ``channels_last``: run 4-D inputs and 4-D (conv) weights in channels-last memory format (copies;
-    the model is untouched). On CPU this made the conv backward passes of SmallVGG 2x faster.
-    """
-    cl = torch.channels_last
-    params = {n: (p.detach().contiguous(memory_format=cl) if channels_last and p.ndim == 4 else p.detach())
-              for n, p in model.named_parameters()}
-    post = _output_transform(output)
-
-    def f(x: Tensor) -> Tensor:
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=cl)
-        return post(_as_2d(functional_call(model, params, (x,))))
-
-    return f
-
-
-def _prefer_channels_last(x: Tensor) -> bool:
-    return x.ndim == 4 and x.device.type == "cpu"
-
-
-def _activation_numel(model: nn.Module, x1: Tensor) -> int:
-    """Per-example number of elements in all leaf-module outputs (one forward on one input)."""
-    total = 0
-
-    def hook(_m, _i, out):
-        nonlocal total
-        if torch.is_tensor(out):
-            total += out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            out = model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return total + out.numel()
-
-
-def _chunk(chunk_size: int | None, n: int, per_example: int) -> int:
-    if chunk_size is not None:
-        return min(chunk_size, n)
-    return max(1, min(n, _CHUNK_BUDGET // max(1, per_example)))
-
-
-def _input_linear(model: nn.Module, x1: Tensor) -> tuple[str, nn.Linear] | None:
-    """The first Linear/Conv layer called, if it is an ``nn.Linear`` whose input is a view of ``x`` itself.
-
-    Checked at run time: the layer's input shares ``x``'s memory with shape ``(1, d)`` and unit stride (so
-    only ``flatten``/``view`` lie between), and ``x`` was not modified in place.
-    """
-    wanted = {id(m) for m in parametrized_layers(model)}
-    seen: list[tuple[str, nn.Module, Tensor]] = []
-    xx = x1.detach().clone().contiguous()
-    version = xx._version
-
-    def hook(name):
-        def h(mod, args):
-            if not seen:
-                seen.append((name, mod, args[0]))
-        return h
-
-    handles = [m.register_forward_pre_hook(hook(nm)) for nm, m in model.named_modules() if id(m) in wanted]
-    try:
-        with torch.no_grad():
-            model(xx)
-    finally:
-        for h in handles:
-            h.remove()
-    if not seen:
-        return None
-    name, mod, h = seen[0]
-    d = xx.numel()
-    ok = (isinstance(mod, nn.Linear) and torch.is_tensor(h) and h.shape == (1, d) and h.stride(-1) == 1
-          and h.data_ptr() == xx.data_ptr() and xx._version == version)
-    return (name, mod) if ok else None
-
-
-def _factored_gram(f: Callable[[Tensor], Tensor], xc: Tensor, name: str, layer: nn.Linear) -> Tensor:
-    """:math:`J J^\\top = G (W W^\\top) G^\\top` with :math:`G = \\partial f / \\partial z_1`, ``(n_c, k, k)`` float64.
-
-    Backward passes stop at the first layer's output (a probe), so the :math:`k \\times m \\times d` input
-    gradient of the first layer is never formed; exact because :math:`J = G W`.
-    """
-    probes = _Probes({name: layer}, outputs=True)
-    zeros = {f"out:{name}": torch.zeros(xc.shape[0], layer.out_features, dtype=xc.dtype, device=xc.device)}
-
-    with probes:
-        gz = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, "loop")[f"out:{name}"]  # (n_c, k, m) float64
-    w = layer.weight.detach().to(torch.float64)
-    return gz @ (w @ w.mT) @ gz.mT
-
-
-def _per_example_numel(method: str, k: int, d: int, act: int) -> int:
-    """Elements held per input: the Jacobian plus the activations, vectorised over k (rev) or d (fwd)."""
-    if method in ("loop", "factored"):
-        return act + 2 * k * d
-    n_ad = d if method == "fwd" else k
-    return n_ad * (act + d) + k * d
-
-
-def _jacobians(fn: Callable[[dict[str, Tensor]], Tensor], inputs: dict[str, Tensor],
-               method: str) -> dict[str, Tensor]:
-    """Per-example Jacobians of ``fn(inputs) (N, k)`` w.r.t. each ``inputs[name] (N, *shape)``.
-
-    Returns ``{name: (N, k, prod(shape))}``. ``rev``: ``jacrev`` of the batch-summed output (one backward
-    pass vectorised over the k outputs); ``loop``: k plain backward passes; ``fwd``: ``jvp`` vectorised
-    over the input coordinates (only for a single input tensor, used when k > d).
-    """
-    names = list(inputs)
-    n = next(iter(inputs.values())).shape[0]
-    if method == "rev":
-        jac = jacrev(lambda inp: fn(inp).sum(0))(inputs)  # {name: (k, N, *shape)}
-        return {nm: jac[nm].movedim(0, 1).reshape(n, jac[nm].shape[0], -1) for nm in names}
-    if method == "loop":
-        leaves = {nm: t.detach().requires_grad_(True) for nm, t in inputs.items()}
-        with torch.enable_grad():
-            out = fn(leaves)
-            k = out.shape[1]
-            # rows are written straight into float64 buffers (the Gram matrix is formed in float64)
-            jac = {nm: torch.zeros(n, k, t[0].numel(), dtype=torch.float64, device=t.device)
-                   for nm, t in leaves.items()}
-            for j in range(k):
-                grads = torch.autograd.grad(out[:, j].sum(), [leaves[nm] for nm in names],
-                                            retain_graph=j < k - 1, allow_unused=True)
-                for nm, g in zip(names, grads):
-                    if g is not None:
-                        jac[nm][:, j].view(g.shape).copy_(g)
-        return jac
-    # forward mode: tangent e_j (same coordinate for every example) gives column j of every J_i
-    (nm,) = names
-    x = inputs[nm]
-    d = x[0].numel()
-    basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:]).expand(d, *x.shape)
-    cols = vmap(lambda t: jvp(lambda z: fn({nm: z}), (x,), (t,))[1])(basis)  # (d, N, k)
-    return {nm: cols.permute(1, 2, 0)}
-
-
-def _spectrum(jac: Tensor, eps: float | None = None) -> tuple[Tensor, Tensor]:
-    """Eigenvalues of :math:`J J^\\top` (descending, the min(k, D) largest) and :math:`\\lVert J\\rVert_F^2`.
-
-    ``jac`` is ``(N, k, D)``; the Gram matrix (the smaller of :math:`J J^\\top`, :math:`J^\\top J`) and
-    ``eigvalsh`` run in float64. ``eps``: machine epsilon of the computation (default: ``jac``'s dtype).
-    """
-    n, k, dim = jac.shape
-    j64 = jac.to(torch.float64)
-    gram = j64 @ j64.mT if k <= dim else j64.mT @ j64
-    return _gram_spectrum(gram, max(k, dim), torch.finfo(jac.dtype).eps if eps is None else eps)
-
-
-def _gram_spectrum(gram: Tensor, m: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Descending eigenvalues of a float64 Gram matrix ``(N, r, r)`` and its trace.
-
-    Eigenvalues below :math:`\\lambda_1 \\max((m\\epsilon)^2, m\\epsilon_{64})` are set to exactly 0
-    (module docstring), ``m = max(k, D)``.
-    """
-    fro2 = gram.diagonal(dim1=1, dim2=2).sum(1)  # tr(J J^T) = ||J||_F^2
-    lam = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)  # (N, r) descending
-    tol = lam[:, :1] * max((m * eps) ** 2, m * torch.finfo(torch.float64).eps)
-    lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
-    return lam, fro2
-
-
-def _log_volume(lam: Tensor, top_k: int | None) -> Tensor:
-    """:math:`\\tfrac12 \\sum_{j \\le \\text{top\\_k}} \\log \\lambda_j` (-inf when one of them is 0)."""
-    sel = lam if top_k is None else lam[:, :top_k]
-    return 0.5 * torch.log(sel).sum(dim=1)
 
 
 def _check_top_k(fn: str, top_k, r: int) -> int | None:
@@ -350,9 +151,9 @@ def local_metrics(model: nn.Module, x: Tensor, top_k: int | None = None, output:
         chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
     x, _, dtype = _check_model_input(fn, model, x)
     n, d = x.shape[0], x[0].numel()
-    with _eval_mode(model):
-        with torch.no_grad():
-            k = _functional(model, output)(x[:1]).shape[1]
+    with eval_mode(model):
+        f = _model_fn(model, output)
+        k = _first_forward(fn, model, f, x).shape[1]
         top_k = _check_top_k(fn, top_k, min(k, d))
         first = _input_linear(model, x[:1]) if method in ("auto", "factored") else None
         if method == "factored" and (first is None or not k <= first[1].out_features < d):
@@ -361,8 +162,6 @@ def local_metrics(model: nn.Module, x: Tensor, top_k: int | None = None, output:
         if method == "auto":
             method = ("factored" if first is not None and k <= first[1].out_features < d
                       else "fwd" if k > d else "loop")
-        # channels-last is not available inside vmap (fwd vectorises the model over tangents)
-        f = _functional(model, output, channels_last=_prefer_channels_last(x) and method != "fwd")
         size = _chunk(chunk_size, n, _per_example_numel(method, k, d, _activation_numel(model, x[:1])))
         eps = torch.finfo(dtype).eps
         res: dict[str, list[Tensor]] = {"mls": [], "log_volume": [], "local_dim": [], "jac_fro": []}
@@ -427,12 +226,11 @@ def top_singular_values(model: nn.Module, x: Tensor, k: int = 1, n_iter: int = 2
         chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
     x, device, dtype = _check_model_input(fn, model, x)
     n, d = x.shape[0], x[0].numel()
-    f = _functional(model, output)
+    f = _model_fn(model, output)
     gen = torch.Generator().manual_seed(seed)
     out = []
-    with _eval_mode(model):
-        with torch.no_grad():
-            k_out = f(x[:1]).shape[1]
+    with eval_mode(model):
+        k_out = _first_forward(fn, model, f, x).shape[1]
         k = check_int(fn, "k", k, minimum=1, maximum=min(k_out, d))
         b = min(k + oversample, d)
         size = n if chunk_size is None else min(chunk_size, n)
@@ -479,25 +277,33 @@ def adversarial_mls(model: nn.Module, x: Tensor, n_steps: int = 30, lr: float = 
     Per input, Adam ascent from :math:`\delta_0 \sim N(0, \text{init\_std}^2 I)` on
 
     .. math:: r(\delta) = \frac{\lVert g(x + \delta) - g(x) \rVert_2}{\lVert \delta \rVert_2},
-        \qquad g = \text{output}(f),
+        \qquad g = \text{output}(f).
 
-    returning the largest :math:`r` met over the ``n_steps + 1`` iterates. For a linear ``g`` this is
+    ``variant="ratio"`` (default, the definition as a maximum) returns the largest :math:`r` met over the
+    ``n_steps + 1`` iterates :math:`\delta_0, \dots, \delta_{n\_steps}`. For a linear ``g`` this is
     :math:`\lVert A \delta\rVert / \lVert \delta \rVert \le \sigma_{\max}(A)` and approaches it; for a
     nonlinear ``g`` it is a secant slope, bounded by the Lipschitz constant on the segment (not by the
-    local MLS). The paper plots the **square** of this value; see :func:`normalized_mls`. Adam acts
-    elementwise, so optimising the sum over the batch optimises every input independently.
+    local MLS).
 
-    ``variant="authors"`` reproduces ``chinsengi/sharpdim`` (``src/pert.py:eval_mls_adv``) instead:
-    maximise :math:`\lVert g(x+\delta) - g(x)\rVert^2` with :math:`\delta` clipped to the box
-    :math:`[-\text{init\_std}, \text{init\_std}]^d` (their ``rho``) and return
-    :math:`\lVert g(x+\delta) - g(x)\rVert^2 / \lVert\delta\rVert` at the last step.
+    ``variant="authors"`` follows ``chinsengi/sharpdim`` at commit
+    ``2bcbe24548253ce80c5029ca231d7b91649418f5`` (``src/pert.py:eval_mls_adv``, the revision used for the
+    ViT figure): the same objective :math:`r(\delta)` (no clipping of :math:`\delta`), ``n_steps`` evaluations
+    each followed by an Adam step, and the value of :math:`r` at the **last evaluation**, i.e. at the iterate
+    :math:`\delta_{n\_steps - 1}` reached after ``n_steps - 1`` Adam steps (with their 30: 29 steps; the 30th
+    step's update is never evaluated). Their earlier revisions (a box-clipped :math:`\delta` and
+    :math:`\lVert g(x+\delta)-g(x)\rVert^2/\lVert\delta\rVert`) are not reproduced.
+
+    Both variants return the plain ratio. The figure plots its **square** and the normalised
+    :math:`r^2 \lVert x\rVert^2` (their ``mls = loss**2``, ``norm_mls = mls * ||x||**2``): pass the result to
+    :func:`normalized_mls` (``squared=True``). Adam acts elementwise, so optimising the sum over the batch
+    optimises every input independently (the result does not depend on ``chunk_size``).
 
     Args:
         model: network mapping ``(N, ...)`` to ``(N, k)``; eval mode (module docstring).
         x: inputs ``(N, ...)``.
-        n_steps: Adam steps (paper: 30).
+        n_steps: Adam steps (paper: 30); ``variant="authors"`` needs ``n_steps >= 1`` (evaluations).
         lr: Adam learning rate (paper: 0.1).
-        init_std: standard deviation of the initial perturbation (paper: 0.1).
+        init_std: standard deviation of the initial perturbation (paper: their ``rho`` = 0.1).
         output: ``"sigmoid"`` (paper), ``"softmax"`` or ``"logits"``.
         seed: seed of the initial perturbations (``None``: global RNG).
         variant: ``"ratio"`` (the definition) or ``"authors"``.
@@ -509,46 +315,41 @@ def adversarial_mls(model: nn.Module, x: Tensor, n_steps: int = 30, lr: float = 
     fn = "adversarial_mls"
     check_choice(fn, "output", output, OUTPUTS)
     check_choice(fn, "variant", variant, ("ratio", "authors"))
-    n_steps = check_int(fn, "n_steps", n_steps, minimum=0)
+    n_steps = check_int(fn, "n_steps", n_steps, minimum=1 if variant == "authors" else 0)
     check_positive(fn, "lr", lr)
     check_positive(fn, "init_std", init_std)
     if chunk_size is not None:
         chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
     x, device, dtype = _check_model_input(fn, model, x)
-    f = _functional(model, output)
+    f = _model_fn(model, output)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     delta0 = (torch.randn(x.shape, generator=gen, dtype=dtype) * init_std).to(device)
     n = x.shape[0]
     size = n if chunk_size is None else min(chunk_size, n)
+    # authors: evaluations at delta_0 .. delta_{n_steps-1}; ratio: at delta_0 .. delta_{n_steps}
+    n_eval = n_steps if variant == "authors" else n_steps + 1
     out = []
-    with _eval_mode(model), torch.enable_grad():
-        for s in range(0, n, size):
-            xc, nc = x[s:s + size], min(size, n - s)
-            delta = delta0[s:s + size].clone().requires_grad_(True)
-            opt = torch.optim.Adam([delta], lr=lr)
-            with torch.no_grad():
-                g0 = f(xc)
-            best = torch.zeros(nc, dtype=dtype, device=device)
-            for step in range(n_steps + 1):
-                if variant == "authors":
-                    with torch.no_grad():
-                        delta.clamp_(-init_std, init_std)
-                diff2 = (f(xc + delta) - g0).pow(2).sum(1)
-                dnorm = delta.reshape(nc, -1).norm(dim=1)
-                if variant == "ratio":
+    with eval_mode(model):
+        _first_forward(fn, model, f, x)
+        with torch.enable_grad():
+            for s in range(0, n, size):
+                xc, nc = x[s:s + size], min(size, n - s)
+                delta = delta0[s:s + size].clone().requires_grad_(True)
+                opt = torch.optim.Adam([delta], lr=lr)
+                with torch.no_grad():
+                    g0 = f(xc)
+                best = torch.zeros(nc, dtype=dtype, device=device)
+                for step in range(n_eval):
+                    diff2 = (f(xc + delta) - g0).pow(2).sum(1)
                     # clamp: a zero difference would give an infinite gradient of the square root
-                    ratio = diff2.clamp_min(torch.finfo(dtype).tiny).sqrt() / dnorm
-                    best = torch.maximum(best, ratio.detach())
-                    objective = ratio.sum()
-                else:
-                    best = (diff2 / dnorm).detach()
-                    objective = diff2.sum()
-                if step == n_steps:
-                    break
-                opt.zero_grad(set_to_none=True)
-                (-objective).backward()
-                opt.step()
-            out.append(best)
+                    ratio = diff2.clamp_min(torch.finfo(dtype).tiny).sqrt() / delta.reshape(nc, -1).norm(dim=1)
+                    best = torch.maximum(best, ratio.detach()) if variant == "ratio" else ratio.detach()
+                    if step == n_eval - 1:
+                        break  # the authors' loop also steps after its last evaluation: no effect on the value
+                    opt.zero_grad(set_to_none=True)
+                    (-ratio.sum()).backward()
+                    opt.step()
+                out.append(best)
     return torch.cat(out)
 
 
@@ -585,99 +386,6 @@ def normalized_mls(mls: Tensor, x: Tensor, squared: bool = True) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- network-wide metrics
-class _Probes:
-    """Forward hooks adding zero "probe" tensors to the input (and optionally output) of given layers.
-
-    The Jacobian of the output w.r.t. a probe at layer ``l``'s input is :math:`\\partial f / \\partial h_{l-1}`
-    *through layer l* (exactly :math:`\\partial f / \\partial h_{l-1}` in a sequential network); at the
-    output it is :math:`\\partial f / \\partial z_l`. Layer inputs seen during the forward are recorded.
-    """
-
-    def __init__(self, layers: dict[str, nn.Module], outputs: bool = False):
-        self.layers, self.outputs = layers, outputs
-        self.values: dict[str, Tensor] = {}
-        self.inputs: dict[str, Tensor] = {}
-        self.calls: dict[str, int] = {}
-        self.handles: list = []
-
-    def call(self, f: Callable[[Tensor], Tensor], x: Tensor, values: dict[str, Tensor]) -> Tensor:
-        """``f(x)`` with the probe ``values`` added at the hooked layers (a pure function of ``values``)."""
-        self.values = values
-        try:
-            return f(x)
-        finally:
-            self.values = {}
-
-    def __enter__(self) -> "_Probes":
-        for name, mod in self.layers.items():
-            self.handles.append(mod.register_forward_pre_hook(self._pre(name)))
-            if self.outputs:
-                self.handles.append(mod.register_forward_hook(self._post(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _pre(self, name: str):
-        def hook(_mod, args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            h = args[0]
-            self.inputs[name] = h
-            key = f"in:{name}"
-            if key in self.values:
-                return (h + self.values[key],) + tuple(args[1:])
-            return None
-        return hook
-
-    def _post(self, name: str):
-        def hook(_mod, _args, out):
-            key = f"out:{name}"
-            if key in self.values:
-                return out + self.values[key]
-            return None
-        return hook
-
-
-def _called_layers(fn: str, model: nn.Module, x1: Tensor) -> tuple[dict[str, nn.Module], dict[str, Tensor]]:
-    """Linear/Conv layers called in a forward of ``x1``, in call order, and their inputs."""
-    wanted = {id(m) for m in parametrized_layers(model)}
-    named = {n: m for n, m in model.named_modules() if id(m) in wanted}
-    with _Probes(named) as pr, torch.no_grad():
-        model(x1)
-    twice = [n for n, c in pr.calls.items() if c > 1]
-    if twice:
-        raise ValueError(f"{fn}: layers {twice} are called more than once per forward (weight sharing); "
-                         "expected every Linear/Conv layer to be called once")
-    order = list(pr.inputs)
-    if not order:
-        raise ValueError(f"{fn}: model has no nn.Linear/nn.Conv layer called in its forward; expected at least one")
-    return {n: named[n] for n in order}, {n: pr.inputs[n] for n in order}
-
-
-def _layer_jacobians(model: nn.Module, x: Tensor, output: str, chunk_size: int | None, method: str, fn: str):
-    """Generator over chunks: ``(layers, {"in:l": (n_c, k, D_l)}, {l: layer input (n_c, ...)})``."""
-    layers, inputs1 = _called_layers(fn, model, x[:1])
-    f = _functional(model, output, channels_last=_prefer_channels_last(x))
-    with torch.no_grad():
-        k = f(x[:1]).shape[1]
-    probe_numel = sum(t[0].numel() for t in inputs1.values())
-    n = x.shape[0]
-    size = _chunk(chunk_size, n, _per_example_numel(method, k, 2 * probe_numel, _activation_numel(model, x[:1])))
-    for s in range(0, n, size):
-        xc = x[s:s + size]
-        probes = _Probes(layers)
-        with probes, torch.no_grad():
-            model(xc)
-            zeros = {f"in:{nm}": torch.zeros_like(probes.inputs[nm]) for nm in layers}
-            layer_inputs = {nm: t.detach() for nm, t in probes.inputs.items()}
-
-        with probes:
-            jac = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, method)
-        yield layers, jac, layer_inputs
-
-
 def _network_metric(fn: str, model, x, output, chunk_size, method, per_layer, reduce) -> Tensor | dict:
     check_choice(fn, "output", output, OUTPUTS)
     check_choice(fn, "method", method, ("auto", "rev", "loop"))
@@ -686,7 +394,7 @@ def _network_metric(fn: str, model, x, output, chunk_size, method, per_layer, re
     x, _, dtype = _check_model_input(fn, model, x)
     method = "loop" if method == "auto" else method
     parts: dict[str, list[Tensor]] = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for layers, jac, _ in _layer_jacobians(model, x, output, chunk_size, method, fn):
             for nm in layers:
                 lam, _ = _spectrum(jac[f"in:{nm}"], torch.finfo(dtype).eps)
