@@ -129,3 +129,44 @@ def test_data_readme_lists_the_manifest_checksums():
     readme = (ROOT / "data" / "README.md").read_text()
     for name, entry in manifest.items():
         assert entry["sha256"] in readme and f"{entry['bytes']:,}" in readme, name
+
+
+def test_binary_task_class_absent_from_the_source_is_named():
+    # the bundled CIFAR-10 subset holds airplane (0), automobile (1) and cat (3) only
+    with pytest.raises(ValueError, match=r"binary_task: classes=\(0, 5\) asks for class\(es\) \[5\] absent from "
+                                         r"cifar10/train \(source 'embedded', which holds only classes \[0, 1, 3\]\)"
+                                         r".*source='full'"):
+        binary_task("cifar10", 10, 0, 10, classes=(0, 5), source="embedded")
+    with pytest.raises(ValueError, match=r"class\(es\) \[2, 4\] absent"):
+        binary_task("cifar10", 10, 0, 10, classes=((1, 2), (3, 4)), source="embedded")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, r"manifest\.json is truncated or corrupt \(not valid JSON"),  # None: the real file, truncated
+    ("[1, 2]", r"manifest\.json is corrupt \(expected an object"),
+    ('{"mnist_small.npz": {"bytes": 3}}', r"manifest\.json is corrupt"),
+])
+def test_corrupt_manifest_names_the_file_and_the_fix(tmp_path, monkeypatch, content, match):
+    real = (ROOT / "data" / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(real[: len(real) // 2] if content is None else content)
+    monkeypatch.setattr(D, "EMBEDDED_DIR", tmp_path)  # a temp copy: the real manifest is never touched
+    with pytest.raises(OSError, match=match + r".*build_subsets\.py.*git checkout -- data/manifest\.json"):
+        load_dataset("mnist", "train", source="embedded")
+    assert json.loads((ROOT / "data" / "manifest.json").read_text())  # still intact
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seed="abc"), r"binary_task: seed='abc' must be an integer"),
+    (dict(seed=1.5), r"binary_task: seed=1.5 must be an integer"),
+    (dict(seed=True), r"binary_task: seed=True must be an integer"),
+    (dict(attack_seed="x"), r"binary_task: attack_seed='x' must be an integer"),
+])
+def test_binary_task_bad_seed(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        binary_task("mnist", 10, 5, 10, source="embedded", **kwargs)
+
+
+def test_binary_task_numpy_seed_is_an_integer():
+    a = binary_task("mnist", 10, 5, 10, seed=np.int64(4), source="embedded")
+    b = binary_task("mnist", 10, 5, 10, seed=4, source="embedded")
+    assert torch.equal(a.train.x, b.train.x) and a.info["seed"] == 4

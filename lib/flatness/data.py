@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -175,8 +176,32 @@ def _load_torchvision(name: str, split: str, download: bool) -> Dataset | None:
 
 
 def _embedded_manifest() -> dict:
+    """``data/manifest.json`` (empty when absent); ``OSError`` naming the file when it is truncated or corrupt."""
     path = EMBEDDED_DIR / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    fix = ("Rebuild it with `.venv/bin/python data/build_subsets.py` (needs ../shared/data/) or restore the "
+           "committed version with `git checkout -- data/manifest.json`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OSError(f"load_dataset: {path} is truncated or corrupt (not valid JSON: {err}). {fix}") from None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in manifest.values()):
+        raise OSError(f"load_dataset: {path} is corrupt (expected an object mapping each bundled file to an "
+                      f"entry with its 'sha256'). {fix}")
+    return manifest
+
+
+def _check_seed(fn: str, name: str, seed) -> int:
+    """``seed`` as ``int`` (Python or NumPy integers); ``TypeError`` naming the parameter otherwise."""
+    if isinstance(seed, bool):
+        raise TypeError(f"{fn}: {name}={seed!r} must be an integer, got a bool")
+    try:
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{fn}: {name}={seed!r} must be an integer (e.g. {name}=0), "
+                        f"got {type(seed).__name__}") from None
 
 
 def _load_embedded(name: str, split: str) -> Dataset | None:
@@ -279,16 +304,29 @@ def binary_task(name: str, n_train: int, n_attack: int = 0, n_test: int = 1000, 
     Returns:
         :class:`BinaryTask` of float images in [0, 1], shape ``(N, C, H, W)``, and int64 labels in {0, 1}.
     Raises:
-        ValueError: unknown dataset or classes, negative sizes, or sizes larger than the pools
-            (the message names the parameter and the maximum).
+        ValueError: unknown dataset or classes, a class absent from the source (the bundled CIFAR-10 subset
+            holds classes 0, 1 and 3 only), negative sizes, or sizes larger than the pools (the message
+            names the parameter and the maximum).
+        TypeError: ``seed`` or ``attack_seed`` not an integer.
     """
     fn = "binary_task"
     check_choice(fn, "name", name, DATASETS)
     n_train = check_int(fn, "n_train", n_train, minimum=1)
     n_attack = check_int(fn, "n_attack", n_attack, minimum=0)
     n_test = check_int(fn, "n_test", n_test, minimum=0)
+    seed = _check_seed(fn, "seed", seed)
+    attack_seed = None if attack_seed is None else _check_seed(fn, "attack_seed", attack_seed)
     g0, g1 = _class_groups(name, classes)
     train, test = load_dataset(name, "train", source=source), load_dataset(name, "test", source=source)
+    for ds in (train, test):  # a group absent from the pool would silently give one-class labels
+        held = sorted(int(c) for c in torch.unique(ds.labels))
+        missing = [c for c in g0 + g1 if c not in held]
+        if missing:
+            given = classes if classes is not None else (g0, g1)
+            hint = (" Use source='full' with the full archives (../shared/data/README.md) for every class."
+                    if ds.source == "embedded" else "")
+            raise ValueError(f"{fn}: classes={given!r} asks for class(es) {missing} absent from {name}/{ds.split} "
+                             f"(source {ds.source!r}, which holds only classes {held}).{hint}")
 
     def pool(ds: Dataset):
         idx = torch.nonzero(torch.isin(ds.labels, torch.tensor(g0 + g1))).squeeze(1)
@@ -310,7 +348,7 @@ def binary_task(name: str, n_train: int, n_attack: int = 0, n_test: int = 1000, 
     perm_tr = torch.randperm(len(tr_idx), generator=gen)
     perm_te = torch.randperm(len(te_idx), generator=gen)
     s, rest = perm_tr[:n_train], perm_tr[n_train:]
-    gen_a = torch.Generator().manual_seed(int(seed if attack_seed is None else attack_seed) + 1_000_003)
+    gen_a = torch.Generator().manual_seed((seed if attack_seed is None else attack_seed) + 1_000_003)
     a = rest[torch.randperm(len(rest), generator=gen_a)[:n_attack]]
     t = perm_te[:n_test]
 
