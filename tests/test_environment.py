@@ -65,3 +65,35 @@ def test_every_notebook_has_parameters_cell_with_profile():
         code = [c for c in cells if c["cell_type"] == "code"]
         assert sum(len("".join(c.get("outputs", []) and str(c["outputs"]))) for c in code) < 200_000, \
             f"{nb.name}: committed outputs too large"
+
+
+def _run_all(*args, venv="/nonexistent"):
+    """run_all.sh with a venv that does not exist: anything reaching set-up would try to create it."""
+    return subprocess.run(["bash", str(ROOT / "run_all.sh"), *args], capture_output=True, text=True, timeout=60,
+                          env={"FLATNESS_VENV": venv, "PATH": "/usr/bin:/bin", "PYTHON": "/nonexistent/python"})
+
+
+def test_run_all_only_matching_nothing_fails_listing_notebooks(tmp_path):
+    venv = tmp_path / "venv"
+    for args in (["--only", "99"], ["--only", "1"], ["--tests", "--only", "99"]):
+        out = _run_all(*args, venv=str(venv))
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "matches no notebook" in out.stderr and "01_boolean_prior_vs_flatness.ipynb" in out.stderr
+        assert "done" not in out.stdout
+    assert not venv.exists(), "selection errors must come before the venv set-up"
+
+
+def test_run_all_wiring():
+    """Report after a notebooks run, scheduler option, no Agg for kernels, executed-notebook check in --tests."""
+    text = (ROOT / "run_all.sh").read_text()
+    help_ = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--help"], capture_output=True, text=True).stdout
+    assert "--scheduler" in help_ and "FLATNESS_DASK_SCHEDULER" in help_ and "REPORT.md" in help_
+    assert "export FLATNESS_DASK_SCHEDULER=" in text
+    assert "-m flatness.claims report --profile" in text
+    assert "export MPLBACKEND" not in text and "unset MPLBACKEND" in text
+    assert "tests/test_notebooks_executed.py" in text and "--nbval-lax" in text
+
+
+def test_ci_installs_the_browser():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "chromium" in ci and "chromium-driver" in ci

@@ -2,10 +2,12 @@
 
 Figures of the ``cpu`` profile go to ``figures/`` (committed); other profiles to ``figures/<profile>/``
 (``smoke`` output is never committed, ``paper`` output is kept apart from the reduced reproduction).
+``$FLATNESS_FIGURES_DIR`` replaces ``figures/`` as the root (tests run notebooks without touching the repository).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,12 @@ __all__ = ["figure_dir", "save_figure", "scatter_corr", "set_style"]
 
 
 def figure_dir(profile: str = "cpu") -> Path:
-    """``figures/`` for the ``cpu`` profile, ``figures/<profile>/`` otherwise (created if needed)."""
-    d = REPO_ROOT / "figures" if profile == "cpu" else REPO_ROOT / "figures" / profile
+    """``figures/`` for the ``cpu`` profile, ``figures/<profile>/`` otherwise (created if needed).
+
+    The root is ``$FLATNESS_FIGURES_DIR`` when set, else ``figures/`` in the repository.
+    """
+    root = Path(os.environ["FLATNESS_FIGURES_DIR"]) if os.environ.get("FLATNESS_FIGURES_DIR") else REPO_ROOT / "figures"
+    d = root if profile == "cpu" else root / profile
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -41,10 +47,12 @@ def set_style() -> None:
 
 
 def scatter_corr(ax, x, y, *, hue=None, logx: bool = False, xlabel: str = "", ylabel: str = "",
-                 title: str = "", n_boot: int = 1000, **kw):
+                 title: str = "", n_boot: int = 2000, **kw):
     """Scatter ``y`` against ``x`` and annotate Pearson and Spearman r with bootstrap 95% CIs.
 
-    Returns the two :class:`flatness.stats.Correlation` results (Pearson on ``log10 x`` when ``logx``).
+    Returns the two :class:`flatness.stats.Correlation` results (both on ``log10 x`` when ``logx``) and the
+    scatter artist. They are :func:`flatness.stats.correlation` with its defaults (``n_boot=2000``, ``seed=0``),
+    so a notebook asserts and records the very numbers the figure shows.
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
