@@ -312,7 +312,30 @@ def _input_linear(model: nn.Module, x1: Tensor) -> tuple[str, nn.Linear] | None:
     d = xx.numel()
     ok = (isinstance(mod, nn.Linear) and torch.is_tensor(h) and h.shape == (1, d) and h.stride(-1) == 1
           and h.data_ptr() == xx.data_ptr() and xx._version == version)
-    return (name, mod) if ok else None
+    return (name, mod) if ok and _enters_only_through(model, x1, name, mod) else None
+
+
+def _enters_only_through(model: nn.Module, x1: Tensor, name: str, layer: nn.Linear) -> bool:
+    """Whether :math:`J = (\\partial f/\\partial z_1) W` holds on ``x1`` (``x`` reaches the output through ``layer`` only).
+
+    False for a skip connection from ``x`` past the first layer. Checked on one input: k backward passes.
+    """
+    f = _model_fn(model)
+    xr = x1[:1].detach().clone().requires_grad_(True)
+    z = torch.zeros(1, layer.out_features, dtype=x1.dtype, device=x1.device, requires_grad=True)
+    probes = _Probes({name: layer}, outputs=True)
+    with probes, torch.enable_grad():
+        out = probes.call(f, xr, {f"out:{name}": z})
+        k = out.shape[1]
+        jd, jz = [], []
+        for j in range(k):
+            gx, gz = torch.autograd.grad(out[0, j], [xr, z], retain_graph=j < k - 1, allow_unused=True)
+            jd.append(torch.zeros_like(xr).reshape(-1) if gx is None else gx.reshape(-1))
+            jz.append(torch.zeros_like(z).reshape(-1) if gz is None else gz.reshape(-1))
+    jd64 = torch.stack(jd).to(torch.float64)
+    jf64 = torch.stack(jz).to(torch.float64) @ layer.weight.detach().to(torch.float64)
+    scale = float(jd64.norm()) + float(jf64.norm())
+    return float((jd64 - jf64).norm()) <= 1e3 * torch.finfo(x1.dtype).eps * scale + 1e-30
 
 
 class _Probes:

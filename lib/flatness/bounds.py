@@ -57,18 +57,26 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_int, check_positive
 from ._functional import (
+    _CONVS,
     _called_layers,
     _check_model_input,
-    _layer_jacobians,
-    _model_fn as _functional,
-    _spectrum,
+    _enters_only_through,
+    _param_name,
+    _pass_terms,
 )
-from ._modes import eval_mode as _eval_mode
-from .compression import local_metrics
-from .losses import half_mse
-from .sharpness import hessian_trace, per_example_grad_norms_sq
+from ._modes import eval_mode
+from .hessian import per_example_grad_norms_sq
 
-__all__ = ["MLSBoundChain", "LVRBound", "NMLSBound", "mls_bound_chain", "lvr_bound", "nmls_bound"]
+__all__ = ["MLSBoundChain", "LVRBound", "NMLSBound", "mls_bound_chain", "lvr_bound", "nmls_bound",
+           "WEIGHT_NORMS", "NMLS_VARIANTS"]
+
+#: ``weight_norm`` of :func:`mls_bound_chain`: the first layer's ``||W_1||_2`` (Proposition 3.4, tight) or
+#: Fig. G.5's ``sqrt(sum_l c_l)`` over all layers (the authors' plotted factor).
+WEIGHT_NORMS = ("first", "all_layers")
+#: ``variant`` of :func:`nmls_bound`: our coefficients or the authors' (``get_nmls``).
+NMLS_VARIANTS = ("ours", "authors")
+#: The authors' ``eps`` added to every squared layer-input norm in their NMLS bound (``get_nmls``).
+AUTHORS_NMLS_EPS = 1e-4
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -76,14 +84,16 @@ __all__ = ["MLSBoundChain", "LVRBound", "NMLSBound", "mls_bound_chain", "lvr_bou
 class MLSBoundChain:
     r"""Terms of the MLS tightness chain :math:`A \le A_F \le B \le C \le D` (Chen et al. Fig. G.5).
 
+    ``B``, ``C``, ``D`` use the weight factor :math:`\omega` = ``weight_factor`` chosen by ``weight_norm``:
+    :math:`\lVert W_1\rVert_2` (``"first"``) or :math:`(\sum_l c_l)^{1/2}` (``"all_layers"``, Fig. G.5).
     Scalars are floats; per-input terms are ``(N,)`` float64 tensors on the CPU.
     """
 
     A: float  #: mean_i MLS(x_i)
     A_fro: float  #: mean_i ||J(x_i)||_F (between A and B)
-    B: float  #: ||W||_2 mean_i ||grad_W f(x_i)||_F / ||x_i||
-    C: float  #: ||W||_2 sqrt(mean_i 1/||x_i||^2) sqrt(mean_i ||grad_W f(x_i)||_F^2)
-    D: float  #: ||W||_2 sqrt(mean_i 1/||x_i||^2) sqrt(Tr H)
+    B: float  #: omega mean_i ||grad_W f(x_i)||_F / ||x_i||
+    C: float  #: omega sqrt(mean_i 1/||x_i||^2) sqrt(mean_i ||grad_W f(x_i)||_F^2)
+    D: float  #: omega sqrt(mean_i 1/||x_i||^2) sqrt(Tr H)
     w_spectral_norm: float  #: ||W||_2 of the first layer
     trace_hessian: float  #: Tr H (Gauss-Newton trace, eq. zloss_sharpness)
     partial_sharpness: float  #: mean_i ||grad_W f(x_i)||_F^2 (first-layer part of Tr H)
@@ -91,20 +101,22 @@ class MLSBoundChain:
     jac_fro: Tensor  #: (N,) ||J(x_i)||_F
     grad_w_norm: Tensor  #: (N,) ||grad_W f(x_i)||_F (summed over the k outputs)
     x_norm: Tensor  #: (N,) ||x_i||
-    per_input_bound: Tensor  #: (N,) ||W||_2 ||grad_W f(x_i)||_F / ||x_i||  (>= mls)
+    per_input_bound: Tensor  #: (N,) omega ||grad_W f(x_i)||_F / ||x_i||  (>= mls)
+    weight_norm: str = "first"  #: "first" or "all_layers"
+    weight_factor: float = math.nan  #: omega used in B, C, D
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | str]:
         """The scalar terms (for a results row)."""
-        return {k: getattr(self, k) for k in ("A", "A_fro", "B", "C", "D", "w_spectral_norm",
-                                              "trace_hessian", "partial_sharpness")}
+        return {k: getattr(self, k) for k in ("A", "A_fro", "B", "C", "D", "w_spectral_norm", "trace_hessian",
+                                              "partial_sharpness", "weight_norm", "weight_factor")}
 
 
 @dataclass
 class LVRBound:
     r"""Terms of the log-LVR bound, each a mean over inputs of a per-input log term or its bound.
 
-    ``log_lhs <= log_amgm <= log_partial <= log_partial_mean <= log_rhs`` where ``log_lhs`` is
-    :math:`\frac1n\sum_i \log \mathrm{LVR}(x_i) = \log (\prod_i \mathrm{LVR}(x_i))^{1/n}`.
+    ``log_lhs <= log_amgm_top <= log_amgm <= log_partial <= log_partial_mean <= log_rhs`` where ``log_lhs``
+    is :math:`\frac1n\sum_i \log \mathrm{LVR}_r(x_i)`, the log volume of the top ``r`` singular values.
     """
 
     log_lhs: float
@@ -112,24 +124,28 @@ class LVRBound:
     log_partial: float  #: mean_i (r/2) log(||W||_2^2 ||grad_W f(x_i)||_F^2 / (r ||x_i||^2))
     log_partial_mean: float  #: (r/2) log(||W||^2 mean_i ||grad_W f||^2 / r) - (r/n) sum_i log||x_i||
     log_rhs: float  #: (r/2) log(||W||_2^2 Tr H / r) - (r/n) sum_i log ||x_i||
-    r: int  #: number of singular values in the volume, min(k, d)
+    r: int  #: number of singular values in the volume: top_k, or min(k, d)
     w_spectral_norm: float
     trace_hessian: float
-    log_volume: Tensor  #: (N,) log LVR(x_i)
+    log_volume: Tensor  #: (N,) log LVR_r(x_i) = 1/2 sum_{j<=r} log lambda_j
     log_amgm_per_input: Tensor  #: (N,)
     log_partial_per_input: Tensor  #: (N,)
+    log_amgm_top: float = math.nan  #: mean_i (r/2) log(sum_{j<=r} lambda_j / r)
+    top_k: int | None = None  #: the top_k argument (None: all min(k, d))
 
     def as_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("log_lhs", "log_amgm", "log_partial", "log_partial_mean",
-                                              "log_rhs", "r", "w_spectral_norm", "trace_hessian")}
+        return {k: getattr(self, k) for k in ("log_lhs", "log_amgm_top", "log_amgm", "log_partial",
+                                              "log_partial_mean", "log_rhs", "r", "w_spectral_norm",
+                                              "trace_hessian")}
 
 
 @dataclass
 class NMLSBound:
-    r"""Terms of the NMLS bound ``lhs <= layerwise <= cs_layers <= cs_inputs <= rhs``.
+    r"""Terms of the NMLS bound ``lhs <= layerwise <= cs_layers <= cs_inputs <= rhs`` for the chosen ``variant``.
 
-    ``rigorous`` is False when a weight-shared layer (conv, or Linear on a >2-D input) used the
-    reference's heuristic coefficient; then the inequalities may fail (module docstring).
+    ``rigorous`` is False when the chain is not a proven bound: a weight-shared layer (conv, or Linear on a
+    >2-D input) got a heuristic coefficient, or ``variant="authors"`` (its ``eps``; module docstring). The
+    right-hand sides of both variants are always reported (``ours_rhs``, ``authors_rhs``).
     """
 
     lhs: float  #: mean_i NMLS(x_i)
@@ -140,14 +156,19 @@ class NMLSBound:
     trace_hessian: float
     rigorous: bool
     layers: list[str] = field(default_factory=list)  #: layer names, forward order
-    coef: Tensor | None = None  #: (L,) c_l = ||W_l||_2^2 (Linear) or ||W_l||_F^2 * positions (shared)
+    coef: Tensor | None = None  #: (L,) c_l of the chosen variant
     sigma: Tensor | None = None  #: (N, L) sigma_max(d f / d h_{l-1}(x_i))
     h_norm: Tensor | None = None  #: (N, L) ||h_{l-1}(x_i)||
     grad_w_norm: Tensor | None = None  #: (N, L) ||grad_{W_l} f(x_i)||_F
+    variant: str = "ours"  #: "ours" or "authors"
+    coef_ours: Tensor | None = None  #: (L,) ||W_l||_2^2 (Linear on (N, features)), ||W_l||_F^2 * positions (shared)
+    coef_authors: Tensor | None = None  #: (L,) the authors' c_l (get_nmls): see nmls_bound
+    ours_rhs: float = math.nan  #: rhs with coef_ours, eps = 0
+    authors_rhs: float = math.nan  #: rhs with coef_authors and eps = 1e-4 (their plotted "Bound")
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("lhs", "layerwise", "cs_layers", "cs_inputs", "rhs",
-                                              "trace_hessian", "rigorous")}
+    def as_dict(self) -> dict[str, float | str | bool]:
+        return {k: getattr(self, k) for k in ("lhs", "layerwise", "cs_layers", "cs_inputs", "rhs", "trace_hessian",
+                                              "rigorous", "variant", "ours_rhs", "authors_rhs")}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -172,30 +193,70 @@ def _log_bound(r: int, v: float, mean_log_x: float) -> float:
     return -math.inf if v == 0 else 0.5 * r * math.log(v) - r * mean_log_x
 
 
-def _param_name(layer: str, p: str) -> str:
-    return f"{layer}.{p}" if layer else p
+def _spectral_sq(w: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(w.detach().to(torch.float64).reshape(w.shape[0], -1), ord=2)) ** 2
 
 
-def _grad_sq(model: nn.Module, x: Tensor, names: list[str], chunk_size: int | None) -> Tensor:
-    """``(N, len(names))`` per-example squared gradient norms :math:`\\lVert\\nabla_{\\theta_p} f(x_i)\\rVert_F^2`."""
-    cols = [per_example_grad_norms_sq(model, x, params=[nm], chunk_size=chunk_size) for nm in names]
-    return torch.stack([c.detach().to(torch.float64) for c in cols], dim=1)
+def _positions(mod: nn.Module, out_shape: tuple[int, ...]) -> int:
+    """Positions sharing the weight: spatial output size (conv) or the non-feature output dims (Linear)."""
+    return math.prod(out_shape[1:]) if isinstance(mod, (*_CONVS, nn.Conv3d)) else math.prod(out_shape[:-1])
 
 
-def _trace_hessian(model: nn.Module, x: Tensor, trace_hessian, chunk_size: int | None, fn: str) -> float:
-    """Chen's eq. (zloss_sharpness) at interpolation, via :func:`flatness.sharpness.hessian_trace`."""
+def _coefficients(layers: dict[str, nn.Module], out_shapes: dict[str, tuple[int, ...]]):
+    r"""``(coef_ours, shared, coef_authors)`` per layer (float64 ``(L,)``, list of bools, ``(L,)``).
+
+    Ours: :math:`\lVert W\rVert_2^2` for a Linear layer on ``(N, features)`` inputs, else (weight shared over
+    positions) :math:`\lVert W\rVert_F^2 \times` positions. Authors' (``get_nmls``): a network without
+    convolutions gets :math:`\lVert W_l\rVert_2^2` for every layer (their ``FNN`` branch), any other
+    :math:`\lVert W_l\rVert_F^2` for Linear layers and :math:`\lVert W_l\rVert_F^2 \times` (output spatial size)
+    for convolutions.
+    """
+    ours, shared, authors = [], [], []
+    has_conv = any(isinstance(m, (*_CONVS, nn.Conv3d)) for m in layers.values())
+    for nm, m in layers.items():
+        w = m.weight.detach().to(torch.float64)
+        fro2 = float(w.pow(2).sum())
+        is_shared = not (isinstance(m, nn.Linear) and len(out_shapes[nm]) == 1)
+        shared.append(is_shared)
+        ours.append(fro2 * _positions(m, out_shapes[nm]) if is_shared else _spectral_sq(w))
+        if not has_conv:
+            authors.append(_spectral_sq(w))
+        else:
+            authors.append(fro2 if isinstance(m, nn.Linear) else fro2 * _positions(m, out_shapes[nm]))
+    return torch.tensor(ours, dtype=torch.float64), shared, torch.tensor(authors, dtype=torch.float64)
+
+
+def _trace(fn: str, model: nn.Module, x: Tensor, grad_sq: dict[str, Tensor], trace_hessian,
+           chunk_size: int | None) -> float:
+    r"""Chen's eq. (zloss_sharpness) at interpolation: :math:`\frac1n\sum_i\lVert\nabla_\theta f(x_i)\rVert_F^2`.
+
+    Over the parameters with ``requires_grad`` (as ``flatness.hessian.hessian_trace(..., method="exact")``
+    on half-MSE at targets = outputs): the Linear/Conv terms come from the one pass (``grad_sq``), any other
+    parameter from :func:`flatness.hessian.per_example_grad_norms_sq`.
+    """
     if trace_hessian is not None:
         return check_positive(fn, "trace_hessian", trace_hessian, allow_zero=True)
-    with _eval_mode(model):
-        with torch.no_grad():
-            y = model(x).detach()
-        return float(hessian_trace(model, half_mse, (x, y), method="exact", chunk_size=chunk_size).value)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    total = torch.zeros(len(x), dtype=torch.float64)
+    for n in names:
+        if n in grad_sq:
+            total += grad_sq[n]
+    rest = [n for n in names if n not in grad_sq]
+    if rest:
+        total += per_example_grad_norms_sq(model, x, params=rest, chunk_size=chunk_size).detach().cpu().double()
+    return float(total.mean())
 
 
-def _first_linear(fn: str, model: nn.Module, x: Tensor) -> tuple[str, nn.Linear]:
-    """The first Linear/Conv layer called; it must be an ``nn.Linear`` fed by ``x.flatten(1)`` itself."""
-    with _eval_mode(model):
-        layers, inputs, _ = _called_layers(fn, model, x[:1])
+def _prepare(fn: str, model, x, chunk_size):
+    if chunk_size is not None:
+        chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
+    x, _, _ = _check_model_input(fn, model, x)
+    return x, chunk_size
+
+
+def _first_linear(fn: str, model: nn.Module, x: Tensor):
+    """Layers, output shapes and the first layer called; it must be an ``nn.Linear`` fed by ``x.flatten(1)``."""
+    layers, inputs, out_shapes = _called_layers(fn, model, x[:1])
     name, layer = next(iter(layers.items()))
     if not isinstance(layer, nn.Linear):
         raise NotImplementedError(
@@ -206,113 +267,150 @@ def _first_linear(fn: str, model: nn.Module, x: Tensor) -> tuple[str, nn.Linear]
     if h.shape != (1, x[0].numel()) or not torch.equal(h.reshape(-1), x[0].reshape(-1)):
         raise ValueError(f"{fn}: the first Linear layer {name!r} does not receive the raw input x.flatten(1) "
                          f"(got input of shape {tuple(h.shape)}); expected z = W x + b on the input itself")
-    return name, layer
+    if not _enters_only_through(model, x[:1], name, layer):
+        raise ValueError(f"{fn}: x reaches the output other than through the first layer {name!r} (a skip "
+                         "connection from x?); the bound needs J = (df/dz_1) W_1")
+    return layers, out_shapes, name, layer
 
 
-def _prepare(fn: str, model, x, chunk_size):
-    if chunk_size is not None:
-        chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
-    x, _, _ = _check_model_input(fn, model, x)
-    return x, chunk_size
-
-
-def _first_layer_terms(fn: str, model: nn.Module, x: Tensor, chunk_size: int | None):
-    """||W||_2, ||grad_W f(x_i)||_F (N,) and ||x_i|| (N,) for the first Linear layer."""
-    name, layer = _first_linear(fn, model, x)
-    w_norm = float(torch.linalg.matrix_norm(layer.weight.detach().to(torch.float64), ord=2))
-    with _eval_mode(model):
-        g2 = _grad_sq(model, x, [_param_name(name, "weight")], chunk_size)[:, 0]
+def _first_layer_pass(fn: str, model: nn.Module, x: Tensor, trace_hessian, chunk_size: int | None):
+    """One pass: J spectrum (via the first layer's output gradient), first-layer terms, Tr H, layer shapes."""
+    with eval_mode(model):
+        layers, out_shapes, name, layer = _first_linear(fn, model, x)
+        grad_layers = list(layers) if trace_hessian is None else [name]
+        terms = _pass_terms(fn, model, x, grad_layers=grad_layers, x_factored=name, chunk_size=chunk_size)
+        tr = _trace(fn, model, x, terms.grad_sq, trace_hessian, chunk_size)
+    g = terms.grad_sq[_param_name(name, "weight")].sqrt()
     x_norm = x.reshape(len(x), -1).to(torch.float64).norm(dim=1).cpu()
-    return w_norm, g2.sqrt().cpu(), x_norm
+    return terms, layers, out_shapes, layer, g, x_norm, tr
 
 
 # -------------------------------------------------------------------------------------- the bounds
 def mls_bound_chain(model: nn.Module, x: Tensor, trace_hessian: float | None = None,
-                    chunk_size: int | None = None) -> MLSBoundChain:
+                    chunk_size: int | None = None, weight_norm: str = "first") -> MLSBoundChain:
     r"""The MLS tightness chain of Chen et al. 2023 (Proposition 3.4, eq. tightness, Fig. G.5).
 
     .. math::
 
         \underbrace{\tfrac1n \textstyle\sum_i \mathrm{MLS}(x_i)}_{A}
-        \le \underbrace{\lVert W\rVert_2\, \tfrac1n \textstyle\sum_i
+        \le \underbrace{\omega\, \tfrac1n \textstyle\sum_i
             \frac{\lVert \nabla_W f(x_i)\rVert_F}{\lVert x_i\rVert}}_{B}
-        \le \underbrace{\lVert W\rVert_2 \big(\tfrac1n \textstyle\sum_i \lVert x_i\rVert^{-2}\big)^{1/2}
+        \le \underbrace{\omega \big(\tfrac1n \textstyle\sum_i \lVert x_i\rVert^{-2}\big)^{1/2}
             \big(\tfrac1n \textstyle\sum_i \lVert \nabla_W f(x_i)\rVert_F^2\big)^{1/2}}_{C}
-        \le \underbrace{\lVert W\rVert_2 \big(\tfrac1n \textstyle\sum_i \lVert x_i\rVert^{-2}\big)^{1/2}
+        \le \underbrace{\omega \big(\tfrac1n \textstyle\sum_i \lVert x_i\rVert^{-2}\big)^{1/2}
             \sqrt{\operatorname{Tr} H}}_{D}
 
-    with :math:`W` the first layer's weight (an ``nn.Linear`` applied to ``x.flatten(1)``) and
-    :math:`\lVert \nabla_W f\rVert_F^2` summed over the k outputs. Also returned:
-    :math:`A_F = \frac1n\sum_i \lVert J(x_i)\rVert_F` with :math:`A \le A_F \le B` (derivation in the module
-    docstring, steps 2-4). Equalities: :math:`A = B` iff every :math:`G_i` is rank one and aligned with
-    :math:`W`'s top left singular vector (e.g. a single Linear layer with one output); :math:`B = C` iff
-    :math:`\lVert \nabla_W f(x_i)\rVert \propto 1/\lVert x_i\rVert`; :math:`C = D` iff only :math:`W` has
-    a non-zero gradient (a single Linear layer without bias).
+    with :math:`W` the first layer's weight (an ``nn.Linear`` applied to ``x.flatten(1)``, the only way
+    ``x`` reaches the output) and :math:`\lVert \nabla_W f\rVert_F^2` summed over the k outputs. Weight factor
+    :math:`\omega` (``weight_norm``):
+
+    * ``"first"`` (default): :math:`\omega = \lVert W_1\rVert_2`, the tight constant of Proposition 3.4
+      (module docstring, steps 2-4).
+    * ``"all_layers"``: :math:`\omega = (\sum_l c_l)^{1/2}` over all Linear/Conv layers, the factor the
+      authors plot in **Fig. G.5** (``plot_bound_mls.py`` multiplies B, C, D by ``W_list`` from ``get_nmls``):
+      :math:`c_l = \lVert W_l\rVert_2^2` for a network without convolutions (their FNN), else the
+      Frobenius terms of :func:`nmls_bound`'s ``variant="authors"``. Also a valid bound (since
+      :math:`\omega \ge \lVert W_1\rVert_2`), looser by :math:`\omega / \lVert W_1\rVert_2`.
+
+    Also returned: :math:`A_F = \frac1n\sum_i \lVert J(x_i)\rVert_F` with :math:`A \le A_F \le B`.
+    Equalities (``"first"``): :math:`A = B` iff every :math:`G_i` is rank one and aligned with :math:`W`'s top
+    left singular vector (e.g. a single Linear layer with one output); :math:`B = C` iff
+    :math:`\lVert \nabla_W f(x_i)\rVert \propto 1/\lVert x_i\rVert`; :math:`C = D` iff only :math:`W` has a
+    non-zero gradient (a single Linear layer without bias).
+
+    Cost: one set of k backward passes per chunk of inputs (output probes at every layer): the MLS from
+    :math:`J J^\top = G W W^\top G^\top` (:math:`G = \partial f/\partial z_1`), every layer's
+    :math:`\lVert\nabla_{W_l} f\rVert_F^2` from activations (:math:`\lVert\delta\rVert^2\lVert h\rVert^2`, or
+    the ghost-norm identity for weight-shared layers) and hence :math:`\operatorname{Tr} H`; no per-example
+    parameter gradients.
 
     Args:
         model: network whose first Linear/Conv layer called is an ``nn.Linear`` on ``x.flatten(1)``.
         x: inputs ``(N, ...)``.
         trace_hessian: precomputed :math:`\operatorname{Tr} H`; ``None`` computes it at interpolation
-            (targets = the model's outputs).
-        chunk_size: inputs per vectorised pass (``None``: automatic).
+            (targets = the model's outputs), over the parameters with ``requires_grad``.
+        chunk_size: inputs per pass (``None``: automatic).
+        weight_norm: ``"first"`` (rigorous, tight) or ``"all_layers"`` (Fig. G.5's plotted factor).
 
     Returns:
-        :class:`MLSBoundChain`.
+        :class:`MLSBoundChain` (``weight_norm`` and ``weight_factor`` recorded).
 
     Raises:
         NotImplementedError: the first layer is a convolution (the bound does not hold, module docstring).
-        ValueError: the first Linear layer does not see the raw input.
+        ValueError: the first Linear layer does not see the raw input, or ``x`` also bypasses it.
     """
     fn = "mls_bound_chain"
+    check_choice(fn, "weight_norm", weight_norm, WEIGHT_NORMS)
     x, chunk_size = _prepare(fn, model, x, chunk_size)
-    w_norm, g, x_norm = _first_layer_terms(fn, model, x, chunk_size)
-    met = local_metrics(model, x, chunk_size=chunk_size)
-    mls, fro = met["mls"].detach().cpu().double(), met["jac_fro"].detach().cpu().double()
-    tr = _trace_hessian(model, x, trace_hessian, chunk_size, fn)
+    terms, layers, out_shapes, layer, g, x_norm, tr = _first_layer_pass(fn, model, x, trace_hessian, chunk_size)
+    mls, fro = terms.lam["x"][:, 0].sqrt(), terms.fro2["x"].sqrt()
+    w_norm = math.sqrt(_spectral_sq(layer.weight))
+    omega = w_norm if weight_norm == "first" else math.sqrt(float(_coefficients(layers, out_shapes)[2].sum()))
     inv_x = math.sqrt(float(_ratio(torch.ones_like(x_norm), x_norm**2).mean()))
     partial = float((g**2).mean())
-    per_input = w_norm * _ratio(g, x_norm)
+    per_input = omega * _ratio(g, x_norm)
     return MLSBoundChain(
         A=float(mls.mean()), A_fro=float(fro.mean()), B=float(per_input.mean()),
-        C=_scalar_prod(w_norm * inv_x, math.sqrt(partial)), D=_scalar_prod(w_norm * inv_x, math.sqrt(tr)),
+        C=_scalar_prod(omega * inv_x, math.sqrt(partial)), D=_scalar_prod(omega * inv_x, math.sqrt(tr)),
         w_spectral_norm=w_norm, trace_hessian=tr, partial_sharpness=partial,
-        mls=mls, jac_fro=fro, grad_w_norm=g, x_norm=x_norm, per_input_bound=per_input)
+        mls=mls, jac_fro=fro, grad_w_norm=g, x_norm=x_norm, per_input_bound=per_input,
+        weight_norm=weight_norm, weight_factor=omega)
 
 
 def lvr_bound(model: nn.Module, x: Tensor, trace_hessian: float | None = None,
-              chunk_size: int | None = None) -> LVRBound:
-    r"""The local-volume bound of Chen et al. 2023 (Proposition 3.6), in log form.
+              chunk_size: int | None = None, top_k: int | None = None) -> LVRBound:
+    r"""The local-volume bound of Chen et al. 2023 (Proposition 3.6), in log form, for the top ``r`` values.
+
+    With :math:`\mathrm{LVR}_r(x) = \prod_{j \le r} \sigma_j(J(x))` (all :math:`r = \min(k, d)` singular
+    values by default, as in the paper; ``top_k=r`` for the authors' plotted top-3 volume):
 
     .. math::
 
-        \Big(\prod_{i=1}^n \mathrm{LVR}(x_i)\Big)^{1/n}
-        \le \frac{\big(\lVert W\rVert_2^2 \operatorname{Tr} H / r\big)^{r/2}}{\big(\prod_i \lVert x_i\rVert\big)^{r/n}},
-        \qquad r = \min(k, d) \;(= k \text{ in the paper, } k \le d)
+        \Big(\prod_{i=1}^n \mathrm{LVR}_r(x_i)\Big)^{1/n}
+        \le \frac{\big(\lVert W\rVert_2^2 \operatorname{Tr} H / r\big)^{r/2}}{\big(\prod_i \lVert x_i\rVert\big)^{r/n}}
 
-    Chain (all as means over inputs of logs): AM-GM on the eigenvalues,
-    :math:`\log \mathrm{LVR} \le \frac r2 \log(\lVert J\rVert_F^2/r)` (``log_amgm``); step 2 of the
-    module docstring, :math:`\lVert J\rVert_F \le \lVert W\rVert_2 \lVert\nabla_W f\rVert_F/\lVert x\rVert`
-    (``log_partial``); Jensen/AM-GM over inputs, :math:`\frac1n\sum_i \log \lVert\nabla_W f(x_i)\rVert^2 \le
-    \log \frac1n \sum_i \lVert\nabla_W f(x_i)\rVert^2` (``log_partial_mean``); and
-    :math:`\frac1n\sum_i\lVert\nabla_W f(x_i)\rVert^2 \le \operatorname{Tr} H` (``log_rhs``). The stated
-    bound is correct. ``log_lhs`` is ``-inf`` when some Jacobian is rank deficient.
+    Chain (means over inputs of logs), with :math:`\lambda_j = \sigma_j^2`:
 
-    Args, Raises: as :func:`mls_bound_chain`.
+    1. AM-GM on the top r eigenvalues: :math:`\prod_{j \le r}\lambda_j \le (\frac1r\sum_{j\le r}\lambda_j)^r`
+       (``log_amgm_top``);
+    2. :math:`\sum_{j \le r}\lambda_j \le \sum_j \lambda_j = \lVert J\rVert_F^2`, so
+       :math:`\log \mathrm{LVR}_r \le \frac r2 \log(\lVert J\rVert_F^2/r)` (``log_amgm``; equal to step 1 when
+       :math:`r = \min(k, d)`);
+    3. :math:`\lVert J\rVert_F \le \lVert W\rVert_2 \lVert\nabla_W f\rVert_F/\lVert x\rVert` (module docstring,
+       step 2; ``log_partial``);
+    4. Jensen over inputs, :math:`\frac1n\sum_i \log \lVert\nabla_W f(x_i)\rVert^2 \le
+       \log \frac1n \sum_i \lVert\nabla_W f(x_i)\rVert^2` (``log_partial_mean``);
+    5. :math:`\frac1n\sum_i\lVert\nabla_W f(x_i)\rVert^2 \le \operatorname{Tr} H` (``log_rhs``).
+
+    So the bound holds for every :math:`1 \le r \le \min(k, d)`. ``log_lhs`` is ``-inf`` when one of the
+    r eigenvalues is (numerically) zero. One backward pass set as in :func:`mls_bound_chain`.
+
+    Args:
+        model, x, trace_hessian, chunk_size: as :func:`mls_bound_chain`.
+        top_k: ``r``, the number of largest singular values in the volume (``None``: :math:`\min(k, d)`;
+            the authors' code: 3), at most :math:`\min(k, d)`.
 
     Returns:
         :class:`LVRBound`.
+
+    Raises:
+        As :func:`mls_bound_chain`; ValueError for ``top_k`` outside ``[1, min(k, d)]``.
     """
     fn = "lvr_bound"
     x, chunk_size = _prepare(fn, model, x, chunk_size)
-    w_norm, g, x_norm = _first_layer_terms(fn, model, x, chunk_size)
-    met = local_metrics(model, x, chunk_size=chunk_size)
-    logvol = met["log_volume"].detach().cpu().double()
-    fro = met["jac_fro"].detach().cpu().double()
-    tr = _trace_hessian(model, x, trace_hessian, chunk_size, fn)
-    with torch.no_grad(), _eval_mode(model):
-        k = model(x[:1]).reshape(1, -1).shape[1]
-    r = min(k, x[0].numel())
-    amgm = 0.5 * r * torch.log(fro**2 / r)
+    if top_k is not None:
+        top_k = check_int(fn, "top_k", top_k, minimum=1)
+    terms, _, _, layer, g, x_norm, tr = _first_layer_pass(fn, model, x, trace_hessian, chunk_size)
+    lam, fro2 = terms.lam["x"], terms.fro2["x"]
+    r_max = min(terms.k, x[0].numel())
+    if top_k is not None:
+        top_k = check_int(fn, "top_k", top_k, minimum=1, maximum=r_max)
+    r = r_max if top_k is None else top_k
+    w_norm = math.sqrt(_spectral_sq(layer.weight))
+    top = lam[:, :r]
+    logvol = 0.5 * torch.log(top).sum(1)
+    amgm_top = 0.5 * r * torch.log(top.sum(1) / r)
+    amgm = 0.5 * r * torch.log(fro2 / r)
     partial = 0.5 * r * torch.log(w_norm**2 * _ratio(g**2, r * x_norm**2))
     mean_log_x = float(torch.log(x_norm).mean())
     return LVRBound(
@@ -320,89 +418,93 @@ def lvr_bound(model: nn.Module, x: Tensor, trace_hessian: float | None = None,
         log_partial_mean=_log_bound(r, w_norm**2 * float((g**2).mean()) / r, mean_log_x),
         log_rhs=_log_bound(r, w_norm**2 * tr / r, mean_log_x),
         r=r, w_spectral_norm=w_norm, trace_hessian=tr, log_volume=logvol,
-        log_amgm_per_input=amgm, log_partial_per_input=partial)
+        log_amgm_per_input=amgm, log_partial_per_input=partial, log_amgm_top=float(amgm_top.mean()), top_k=top_k)
+
+
+def _nmls_chain(sigma: Tensor, g: Tensor, h_norm: Tensor, c: Tensor, tr: float, eps: float) -> dict[str, float]:
+    """lhs, layerwise, cs_layers, cs_inputs, rhs for coefficients ``c`` and squared-norm offset ``eps``."""
+    h2 = h_norm**2 + eps
+    a2 = _ratio(c.expand_as(h2), h2)  # (N, L); +inf where a layer input is exactly 0 (eps = 0)
+    mean_a2 = float(a2.sum(1).mean())
+    return {
+        "lhs": float(sigma.sum(1).mean()),
+        "layerwise": float(_prod(c.sqrt().expand_as(g), _ratio(g, h2.sqrt())).sum(1).mean()),
+        "cs_layers": float(_prod(a2.sum(1).sqrt(), g.pow(2).sum(1).sqrt()).mean()),
+        "cs_inputs": _scalar_prod(math.sqrt(mean_a2), math.sqrt(float(g.pow(2).sum(1).mean()))),
+        "rhs": _scalar_prod(math.sqrt(mean_a2), math.sqrt(tr)),
+    }
 
 
 def nmls_bound(model: nn.Module, x: Tensor, trace_hessian: float | None = None,
-               chunk_size: int | None = None, conv: str = "reference") -> NMLSBound:
+               chunk_size: int | None = None, conv: str = "reference", variant: str = "ours") -> NMLSBound:
     r"""The network-MLS bound of Chen et al. 2023 (Proposition 3.8).
 
     .. math::
 
         \frac1n \sum_i \mathrm{NMLS}(x_i)
-        \le \Big(\frac1n \sum_i \sum_l \frac{c_l}{\lVert h_{l-1}(x_i)\rVert^2}\Big)^{1/2} \sqrt{\operatorname{Tr} H},
-        \qquad c_l = \lVert W_l \rVert_2^2
+        \le \Big(\frac1n \sum_i \sum_l \frac{c_l}{\lVert h_{l-1}(x_i)\rVert^2 + \epsilon}\Big)^{1/2}
+        \sqrt{\operatorname{Tr} H}
 
     over the Linear/Conv layers :math:`l` (inputs :math:`h_{l-1}`, NMLS as :func:`network_mls`). Chain:
     step 2 of the module docstring per layer (``layerwise``), Cauchy-Schwarz over layers
     (``cs_layers``) and over inputs (``cs_inputs``), then
-    :math:`\sum_l \lVert\nabla_{W_l} f\rVert^2 \le \lVert\nabla_\theta f\rVert^2` (``rhs``). Rigorous for
-    Linear layers applied to ``(N, features)`` inputs (any architecture, because NMLS differentiates through
-    layer l only). For weight-shared layers (Conv, Linear on token sequences) ``conv="reference"`` uses
-    the reference's :math:`c_l = \lVert W_l\rVert_F^2 \times` (number of output positions) and sets
-    ``rigorous=False`` (not a valid bound: see the counterexample in the module docstring);
-    ``conv="raise"`` raises instead.
+    :math:`\sum_l \lVert\nabla_{W_l} f\rVert^2 \le \lVert\nabla_\theta f\rVert^2` (``rhs``).
+
+    Coefficients (``variant``; the other variant's ``rhs`` is reported too, ``ours_rhs``/``authors_rhs``):
+
+    * ``"ours"`` (default; :math:`\epsilon = 0`): :math:`c_l = \lVert W_l\rVert_2^2` for Linear layers on
+      ``(N, features)`` inputs: **rigorous** for any architecture (NMLS differentiates through layer l only).
+      Weight-shared layers (Conv, Linear on token sequences): ``conv="reference"`` uses
+      :math:`c_l = \lVert W_l\rVert_F^2 \times` (positions) and sets ``rigorous=False`` (not a valid bound:
+      counterexample in the module docstring); ``conv="raise"`` raises instead.
+    * ``"authors"``: ``chinsengi/sharpdim`` ``get_nmls`` (plotted by ``plot_bound_nmls.py``, their NMLS-bound
+      figure): a network without convolutions (their ``FNN``) gets :math:`c_l = \lVert W_l\rVert_2^2`; any
+      other network :math:`\lVert W_l\rVert_F^2` for **every** Linear layer and
+      :math:`\lVert W_l\rVert_F^2 \times H_{out} W_{out}` for convolutions; and :math:`\epsilon = 10^{-4}`
+      is added to every squared layer-input norm. ``rigorous=False`` (the :math:`\epsilon` makes even the
+      FNN chain fail in principle; the conv terms are not a bound).
+
+    Cost: one set of k backward passes per chunk with probes at every layer's input (the spectra) and
+    output (the gradient norms from activations); :math:`\operatorname{Tr} H` from the same pass.
 
     Args:
         model: network; every Linear/Conv layer called once per forward.
         x: inputs ``(N, ...)``.
         trace_hessian: precomputed :math:`\operatorname{Tr} H` (``None``: computed at interpolation).
-        chunk_size: inputs per vectorised pass.
+        chunk_size: inputs per pass.
         conv: ``"reference"`` or ``"raise"`` for weight-shared layers.
+        variant: ``"ours"`` or ``"authors"``: the coefficients of the returned chain.
 
     Returns:
         :class:`NMLSBound`.
     """
     fn = "nmls_bound"
     check_choice(fn, "conv", conv, ("reference", "raise"))
+    check_choice(fn, "variant", variant, NMLS_VARIANTS)
     x, chunk_size = _prepare(fn, model, x, chunk_size)
-    sig_parts, h_parts = [], []
-    names: list[str] = []
-    mods: list[nn.Module] = []
-    with _eval_mode(model):
-        for layers, jac, inputs in _layer_jacobians(model, x, "logits", chunk_size, "loop", fn):
-            names, mods = list(layers), list(layers.values())
-            eps = torch.finfo(x.dtype).eps
-            sig_parts.append(torch.stack([_spectrum(jac[f"in:{nm}"], eps)[0][:, 0].sqrt() for nm in names], 1))
-            h_parts.append(torch.stack([inputs[nm].reshape(len(inputs[nm]), -1).to(torch.float64).norm(dim=1)
-                                        for nm in names], 1))
-        with torch.no_grad():
-            shapes = {}
-            hooks = [m.register_forward_hook(lambda _m, _a, o, nm=nm: shapes.__setitem__(nm, o.shape))
-                     for nm, m in zip(names, mods)]
-            try:
-                _functional(model)(x[:1])
-            finally:
-                for h in hooks:
-                    h.remove()
-        name_of = {id(m): nm for nm, m in model.named_modules()}
-        wnames = [_param_name(name_of[id(m)], "weight") for m in mods]
-        g = _grad_sq(model, x, wnames, chunk_size).sqrt().cpu()  # (N, L)
-    sigma = torch.cat(sig_parts).cpu()
-    h_norm = torch.cat(h_parts).cpu()
-    coef, rigorous = [], True
-    for nm, m in zip(names, mods):
-        w = m.weight.detach().to(torch.float64)
-        shared = not (isinstance(m, nn.Linear) and len(shapes[nm]) == 2)
-        if shared:
-            if conv == "raise":
-                raise ValueError(f"{fn}: layer {nm!r} ({type(m).__name__}) shares its weight across positions; "
-                                 "the NMLS bound is only rigorous for Linear layers on (N, features) inputs; "
-                                 "pass conv='reference' for the reference's heuristic term")
-            rigorous = False
-            positions = math.prod(shapes[nm][2:]) if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) \
-                else math.prod(shapes[nm][1:-1])
-            coef.append(float(w.pow(2).sum()) * positions)
-        else:
-            coef.append(float(torch.linalg.matrix_norm(w, ord=2)) ** 2)
-    c = torch.tensor(coef, dtype=torch.float64)
-    a2 = _ratio(c.expand_as(h_norm), h_norm**2)  # (N, L); +inf where a layer input is exactly 0
-    tr = _trace_hessian(model, x, trace_hessian, chunk_size, fn)
-    mean_a2 = float(a2.sum(1).mean())
+    with eval_mode(model):
+        layers, _, out_shapes = _called_layers(fn, model, x[:1])
+        names = list(layers)
+        coef_ours, shared, coef_authors = _coefficients(layers, out_shapes)
+        if conv == "raise" and any(shared):
+            nm = names[shared.index(True)]
+            raise ValueError(f"{fn}: layer {nm!r} ({type(layers[nm]).__name__}) shares its weight across positions; "
+                             "the NMLS bound is only rigorous for Linear layers on (N, features) inputs; "
+                             "pass conv='reference' for the reference's heuristic term")
+        terms = _pass_terms(fn, model, x, gram_layers=names, grad_layers=names, chunk_size=chunk_size)
+        wnames = [_param_name(nm, "weight") for nm in names]
+        missing = [w for w in wnames if w not in terms.grad_sq]
+        for w in missing:  # layers _pass_terms does not factorise (e.g. Conv3d): per-example gradients
+            terms.grad_sq[w] = per_example_grad_norms_sq(model, x, params=[w], chunk_size=chunk_size).detach().cpu().double()
+        tr = _trace(fn, model, x, terms.grad_sq, trace_hessian, chunk_size)
+    sigma = torch.stack([terms.lam[nm][:, 0].sqrt() for nm in names], 1)
+    h_norm = torch.stack([terms.h_norm[nm] for nm in names], 1)
+    g = torch.stack([terms.grad_sq[w].sqrt() for w in wnames], 1)
+    ours = _nmls_chain(sigma, g, h_norm, coef_ours, tr, 0.0)
+    authors = _nmls_chain(sigma, g, h_norm, coef_authors, tr, AUTHORS_NMLS_EPS)
+    main = ours if variant == "ours" else authors
     return NMLSBound(
-        lhs=float(sigma.sum(1).mean()),
-        layerwise=float(_prod(c.sqrt().expand_as(g), _ratio(g, h_norm)).sum(1).mean()),
-        cs_layers=float(_prod(a2.sum(1).sqrt(), g.pow(2).sum(1).sqrt()).mean()),
-        cs_inputs=_scalar_prod(math.sqrt(mean_a2), math.sqrt(float(g.pow(2).sum(1).mean()))),
-        rhs=_scalar_prod(math.sqrt(mean_a2), math.sqrt(tr)), trace_hessian=tr, rigorous=rigorous,
-        layers=names, coef=c, sigma=sigma, h_norm=h_norm, grad_w_norm=g)
+        **main, trace_hessian=tr, rigorous=variant == "ours" and not any(shared), layers=names,
+        coef=coef_ours if variant == "ours" else coef_authors, sigma=sigma, h_norm=h_norm, grad_w_norm=g,
+        variant=variant, coef_ours=coef_ours, coef_authors=coef_authors, ours_rhs=ours["rhs"],
+        authors_rhs=authors["rhs"])
