@@ -14,36 +14,77 @@ from flatness.data import binary_task, load_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CIFAR_FILES = [f"cifar10_small_train_part{k}.npz" for k in (1, 2, 3, 4)] + ["cifar10_small_test.npz"]
+
+
 def test_manifest_checksums_match_files():
     manifest = json.loads((ROOT / "data" / "manifest.json").read_text())
-    assert set(manifest) == {"mnist_small.npz", "fashion_mnist_small.npz", "cifar10_small.npz"}
+    assert set(manifest) == {"mnist_small.npz", "fashion_mnist_small.npz", *CIFAR_FILES}
     total = 0
     for name, entry in manifest.items():
         blob = (ROOT / "data" / name).read_bytes()
         assert hashlib.sha256(blob).hexdigest() == entry["sha256"], name
         assert len(blob) == entry["bytes"]
+        assert len(blob) <= 5 * 2**20, f"{name}: the repository's per-file limit is 5 MiB"
         total += len(blob)
-    assert total <= 10 * 2**20, "bundled data must stay under 10 MiB"
+    assert total <= 25 * 2**20, "bundled data must stay under 25 MiB"
+
+
+def _manifest_counts(name: str, split: str) -> list[int]:
+    manifest = json.loads((ROOT / "data" / "manifest.json").read_text())
+    rows = [e[f"{split}_counts"] for f, e in manifest.items() if e["dataset"] == name and split in e["splits"]]
+    return np.sum(rows, axis=0).tolist()
 
 
 @pytest.mark.parametrize("name,n_train,n_test,shape", [
-    ("mnist", 4000, 1000, (28, 28)), ("fashion_mnist", 3000, 1000, (28, 28)), ("cifar10", 1146, 295, (32, 32, 3))])
+    ("mnist", 4000, 1000, (28, 28)), ("fashion_mnist", 3000, 1000, (28, 28)), ("cifar10", 6000, 1500, (32, 32, 3))])
 def test_embedded_counts_and_types(name, n_train, n_test, shape):
     tr = load_dataset(name, "train", source="embedded")
     te = load_dataset(name, "test", source="embedded")
     assert tr.images.dtype == torch.uint8 and tr.labels.dtype == torch.int64
     assert tuple(tr.images.shape) == (n_train, *shape) and tuple(te.images.shape) == (n_test, *shape)
-    manifest = json.loads((ROOT / "data" / "manifest.json").read_text())[f"{name}_small.npz"]
-    assert np.bincount(tr.labels.numpy(), minlength=10).tolist() == manifest["train_counts"]
+    assert np.bincount(tr.labels.numpy(), minlength=10).tolist() == _manifest_counts(name, "train")
+    assert np.bincount(te.labels.numpy(), minlength=10).tolist() == _manifest_counts(name, "test")
+
+
+def test_embedded_cifar10_classes_and_provenance():
+    tr = load_dataset("cifar10", "train", source="embedded")
+    te = load_dataset("cifar10", "test", source="embedded")
+    assert np.bincount(tr.labels.numpy(), minlength=10).tolist() == [2000, 2000, 0, 2000] + [0] * 6
+    assert np.bincount(te.labels.numpy(), minlength=10).tolist() == [500, 500, 0, 500] + [0] * 6
+    assert len(tr.paths) == 4  # the parts, concatenated in order
+    parts = [np.load(ROOT / "data" / f) for f in CIFAR_FILES]
+    idx = np.concatenate([z["index_train"] for z in parts[:4]])
+    src = np.concatenate([z["source_train"] for z in parts[:4]])
+    assert (np.diff(idx) > 0).all()  # original training order
+    assert np.array_equal(src == "lossless", idx < 4000) and set(src) == {"lossless", "jpeg"}
+    assert (src == "lossless").sum() == 1146  # every airplane, automobile and cat among the first 4000
+    z = parts[4]
+    assert np.array_equal(z["source_test"] == "lossless", z["index_test"] >= 0)
+    assert (z["source_test"] == "lossless").sum() == 295 and (z["index_test"][z["source_test"] == "jpeg"] == -1).all()
+    assert np.array_equal(z["rank_in_class_test"], np.tile(np.arange(500), 3))
+    # first train image of classes {0, 1, 3} is original index 4 (automobile), exact pixels
+    assert idx[0] == 4 and parts[0]["y_train"][0] == 1 and src[0] == "lossless"
+    shared = ROOT.parent / "shared" / "data" / "cifar10_lossless_subset.npz"
+    if shared.is_file():  # exact pixels are the original ones
+        with np.load(shared) as s:
+            keep = idx < 4000
+            assert np.array_equal(tr.images.numpy()[keep], s["x_train"][idx[keep]])
+            t_keep = z["index_test"] >= 0
+            assert np.array_equal(te.images.numpy()[t_keep], s["x_test"][z["index_test"][t_keep]])
+
+
+def test_embedded_cifar10_supports_both_papers_tasks():
+    chen = binary_task("cifar10", 4000, 0, 1000, classes=(0, 1), source="embedded")  # airplane vs automobile
+    assert chen.train.x.shape == (4000, 3, 32, 32) and chen.test.y.float().mean() == 0.5
+    zhang = binary_task("cifar10", 1500, 2500, 1000, source="embedded")  # car vs cat, with an attack set
+    assert zhang.info["train_pool"] == 4000 and zhang.attack.x.shape[0] == 2500
 
 
 def test_embedded_mnist_is_the_original_prefix():
     # y_train[:10] of MNIST is known: 5 0 4 1 9 2 1 3 1 4 (../shared/data/README.md)
     tr = load_dataset("mnist", "train", source="embedded")
     assert tr.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-    # CIFAR-10 subset: exact pixels, first train image of classes {0,1,3} is original index 4 (automobile)
-    with np.load(ROOT / "data" / "cifar10_small.npz") as z:
-        assert z["index_train"][0] == 4 and z["y_train"][0] == 1
 
 
 def test_full_data_sha256_when_shared_present():

@@ -14,8 +14,11 @@
 ``source="embedded"`` always uses the committed subsets (the ``smoke`` and ``cpu`` profiles do, so their
 results are the same on every machine); ``source="full"`` never falls back to them.
 
-The full CIFAR-10 archives are decoded JPEGs (lossy, see ``../shared/data/README.md``); the embedded
-CIFAR-10 subset holds exact pixels (airplane, automobile and cat images of the original order).
+The full CIFAR-10 archives are decoded JPEGs (lossy, see ``../shared/data/README.md``). The embedded
+CIFAR-10 subset holds airplane, automobile and cat images only: exact pixels where the exact-pixel subset of
+``../shared/data`` has them, decoded JPEG otherwise; each file's ``source_train`` / ``source_test`` array and
+``data/README.md`` record which. The bundled files of each dataset and split are listed, with their sha256,
+in ``data/manifest.json`` (several parts are concatenated in order).
 """
 
 from __future__ import annotations
@@ -204,15 +207,28 @@ def _check_seed(fn: str, name: str, seed) -> int:
                         f"got {type(seed).__name__}") from None
 
 
+def _embedded_files(name: str, split: str) -> list[tuple[str, dict]]:
+    """Manifest entries holding ``name``/``split``, in part order (an entry without ``dataset``/``splits``
+    keys is ``<name>_small.npz`` with both splits, the original layout)."""
+    found = [(f, e) for f, e in _embedded_manifest().items()
+             if e.get("dataset", f.removesuffix("_small.npz")) == name and split in e.get("splits", SPLITS)]
+    return sorted(found, key=lambda fe: (fe[1].get("part", 0), fe[0]))
+
+
 def _load_embedded(name: str, split: str) -> Dataset | None:
-    entry = _embedded_manifest().get(f"{name}_small.npz")
-    path = EMBEDDED_DIR / f"{name}_small.npz"
-    if entry is None or not path.is_file():
+    files = _embedded_files(name, split)
+    paths = [EMBEDDED_DIR / f for f, _ in files]
+    if not files or not all(p.is_file() for p in paths):
         return None
-    _verify(path, entry["sha256"])
-    with np.load(path) as z:
-        images, labels = z[f"x_{split}"], z[f"y_{split}"]
-    return Dataset(torch.from_numpy(images), torch.from_numpy(labels).long(), name, split, "embedded", (str(path),))
+    xs, ys = [], []
+    for path, (_, entry) in zip(paths, files):
+        _verify(path, entry["sha256"])
+        with np.load(path) as z:
+            xs.append(z[f"x_{split}"])
+            ys.append(z[f"y_{split}"])
+    images, labels = (xs[0], ys[0]) if len(xs) == 1 else (np.concatenate(xs), np.concatenate(ys))
+    return Dataset(torch.from_numpy(images), torch.from_numpy(labels).long(), name, split, "embedded",
+                   tuple(map(str, paths)))
 
 
 def load_dataset(name: str, split: str = "train", *, source: str = "auto", download: bool = False) -> Dataset:
@@ -249,7 +265,8 @@ def load_dataset(name: str, split: str = "train", *, source: str = "auto", downl
     looked = [str(d / f) for d in data_dirs() for f in files]
     looked.append(str(EMBEDDED_DIR / _TORCHVISION[name]) + " (torchvision layout)")
     if source != "full":
-        looked.append(str(EMBEDDED_DIR / f"{name}_small.npz") + " (embedded subset)")
+        bundled = [f for f, _ in _embedded_files(name, split)] or [f"{name}_small*.npz"]
+        looked.append(", ".join(str(EMBEDDED_DIR / f) for f in bundled) + " (embedded subset, data/manifest.json)")
     raise FileNotFoundError(
         f"load_dataset: no {name}/{split} data found (source={source!r}). Looked for: " + "; ".join(looked)
         + f". To fix: copy {', '.join(files)} (see ../shared/data/README.md for sha256) into data/ or a folder "
