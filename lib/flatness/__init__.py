@@ -18,7 +18,8 @@ from .prior import (ArcCosineNNGPKernel, EPResult, FunctionCounts, arccos_kernel
 from .bounds import LVRBound, MLSBoundChain, NMLSBound, lvr_bound, mls_bound_chain, nmls_bound
 from .compression import (adversarial_mls, local_metrics, network_log_volume, network_mls, normalized_mls,
                           top_singular_values)
-from .models import FCN, SmallVGG, alpha_rescale, parametrized_layers, resnet50_cifar
+from .models import (FCN, FNN, CifarResNet, LeNet5, SmallVGG, alpha_rescale, parametrized_layers, resnet50_cifar,
+                     resnet_cifar)
 from .results import ResultStore
 from .sharpness import (AdaptiveSharpnessResult, KeskarResult, adaptive_sharpness, keskar_sharpness,
                         log_top_eig_product, relative_flatness)
@@ -31,7 +32,8 @@ __all__ = [
     # data
     "load_dataset", "binary_task", "boolean_inputs", "function_to_hex", "hex_to_function",
     # models and losses
-    "FCN", "SmallVGG", "resnet50_cifar", "alpha_rescale", "parametrized_layers",
+    "FCN", "FNN", "SmallVGG", "LeNet5", "resnet50_cifar", "CifarResNet", "resnet_cifar", "alpha_rescale",
+    "parametrized_layers",
     "sigmoid_bce", "half_mse", "cross_entropy", "zero_one_error",
     # training
     "train_to_zero_error", "train_ensemble_to_zero_error",
