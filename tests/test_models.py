@@ -89,6 +89,8 @@ def test_mlp_wrong_input_width_raises_naming_shapes(cls, x, widths):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: input of shape {shape} .* expected shape \(N, {widths[0]}\)"):
         m(x)
     assert m(torch.rand(2, widths[0])).shape == (2, widths[-1])  # the right width still works
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: input of shape \({widths[0]},\) has no batch dimension"):
+        m(torch.rand(widths[0]))
 
 
 def test_fcn_input_check_works_under_vmap(one_thread):

@@ -27,10 +27,9 @@ def _check_widths(fn: str, widths: Sequence[int]) -> tuple[int, ...]:
 def _check_features(fn: str, x: torch.Tensor, expected: int) -> None:
     """One comparison on the shape (works under ``vmap``): ``(N, ...)`` must hold ``expected`` features per row."""
     if x.ndim < 2 or math.prod(x.shape[1:]) != expected:
-        raise ValueError(f"{fn}: input of shape {tuple(x.shape)} has "
-                         f"{math.prod(x.shape[1:]) if x.ndim >= 2 else 'no batch dimension and'} features per "
-                         f"example; expected shape (N, {expected}) or (N, ...) with {expected} features "
-                         f"(widths[0]={expected})")
+        got = "no batch dimension" if x.ndim < 2 else f"{math.prod(x.shape[1:])} features per example"
+        raise ValueError(f"{fn}: input of shape {tuple(x.shape)} has {got}; expected shape (N, {expected}) or "
+                         f"(N, ...) with {expected} features per example (widths[0]={expected})")
 
 
 class FCN(nn.Sequential):
