@@ -129,6 +129,9 @@ def _rel(ours: dict[str, float | np.ndarray], theirs: dict[str, float | np.ndarr
         a = np.asarray(ours[key], dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         err = np.abs(a - b) / np.maximum(np.abs(b), floors.get(key, 1e-12))
+        err = np.where(a == b, 0.0, err)  # equal infinities
+        if np.isnan(err).any():
+            return math.nan  # a NaN on one side only (or both): never hide it behind max()
         worst = max(worst, float(np.max(err)))
     return worst
 
@@ -277,6 +280,7 @@ def bench_case(case: str, n: int, train_steps: int, repeat: int, peak: float) ->
         if note is not None:
             rows.append({**row, "ours_s": "n/a", "ratio": "n/a", "target": "", "met": note,
                          "maxrel_fp64": "", "maxrel_fp32": ""})
+            print(f"  {name} {label}: theirs {t_theirs:.3g} s, ours {note}", flush=True)
             continue
         t_ours, v_ours = best_of(lambda: ours(model, x), repeat)
         ratio = t_theirs / t_ours
@@ -294,6 +298,8 @@ def bench_case(case: str, n: int, train_steps: int, repeat: int, peak: float) ->
         rows.append({**row, "ours_s": t_ours, "ratio": ratio, "target": target,
                      "met": ("yes" if met else "NO") + (f"; {extra}" if extra else ""),
                      "maxrel_fp64": err64, "maxrel_fp32": err32})
+        print(f"  {name} {label}: theirs {t_theirs:.3g} s, ours {t_ours:.3g} s, {ratio:.3g}x, "
+              f"max rel diff {err64:.2g} (fp64) {err32:.2g} (fp32)", flush=True)
     return rows
 
 
