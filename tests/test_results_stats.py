@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
@@ -57,6 +58,7 @@ def test_keys_and_has_read_file_names_only(tmp_path, monkeypatch):
         raise AssertionError("keys()/has() must not open parts")
 
     monkeypatch.setattr(pd, "read_parquet", no_reads)
+    monkeypatch.setattr(pq, "read_table", no_reads)
     assert store.keys() == {config_key({"i": i}) for i in range(5)}
     assert store.has({"i": 3}) and not store.has({"i": 9}) and store.has(config_key({"i": 3}))
 
@@ -152,6 +154,16 @@ def test_compact_keeps_keys_has_and_load(tmp_path):
     assert _part_names(store) == [second.name]
     pd.testing.assert_frame_equal(store.load(), again)
     assert ResultStore("empty", root=tmp_path).compact() is None
+
+
+def test_load_mixes_column_types_and_compact_refuses(tmp_path):
+    store = ResultStore("x", root=tmp_path)
+    store.append({"value": 1}, config={"a": 1})
+    store.append({"value": "n/a"}, config={"a": 2})
+    assert store.load()["value"].tolist() == [1, "n/a"]
+    with pytest.raises(RuntimeError, match="ResultStore.compact: the parts of 'x' do not make one table"):
+        store.compact()
+    assert len(_part_names(store)) == 2
 
 
 def test_store_pickles_by_path(tmp_path):

@@ -163,7 +163,7 @@ def _is_error_frame(df: pd.DataFrame) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Part:
-    path: Path
+    path: str
     key: str
     stamp: int  # write time, ns
     error: bool
@@ -185,15 +185,19 @@ class ResultStore:
         self.path = Path(root) if root is not None else results_dir()
         self.path = self.path / name
         self.name = name
-        self._compacted_cache: dict[str, tuple[tuple, pd.DataFrame]] = {}
+        self._compacted_cache: dict[str, tuple[tuple, dict]] = {}
 
     # ---------------------------------------------------------------------------------------- listing
     def _parts(self) -> list[Path]:
         """Every parquet file of the table (parts and compacted files)."""
         return sorted(self.path.glob("*.parquet")) if self.path.is_dir() else []
 
-    def _scan(self) -> tuple[list[_Part], list[Path]]:
-        """Per-key parts (from their names) and compacted files, in one directory listing."""
+    def _scan(self, only: str | None = None) -> tuple[list[_Part], list[Path]]:
+        """Per-key parts (from their names) and compacted files, in one directory listing.
+
+        Args:
+            only: list the parts of this key only (compacted files are always listed).
+        """
         parts: list[_Part] = []
         compacted: list[Path] = []
         if not self.path.is_dir():
@@ -206,6 +210,8 @@ class ResultStore:
                 if name.startswith("_compacted-"):
                     compacted.append(Path(entry.path))
                     continue
+                if only is not None and not name.startswith(only):
+                    continue
                 m = _PART_RE.match(name)
                 if m is None:
                     continue
@@ -217,11 +223,11 @@ class ResultStore:
                         stamp = entry.stat().st_mtime_ns
                     except FileNotFoundError:  # removed meanwhile (compaction)
                         continue
-                parts.append(_Part(Path(entry.path), key, stamp, err is not None))
+                parts.append(_Part(entry.path, key, stamp, err is not None))
         return parts, sorted(compacted)
 
-    def _compacted_index(self, path: Path) -> pd.DataFrame | None:
-        """``key``, write time and error flag of each row-set of a compacted file (cached by its stat)."""
+    def _compacted_index(self, path: Path) -> dict[str, tuple[int, bool]] | None:
+        """``{key: (write time, is_error)}`` of the row-sets of a compacted file (cached while it is unchanged)."""
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -234,20 +240,20 @@ class ResultStore:
             import pyarrow.parquet as pq
 
             cols = set(pq.read_schema(path).names)
-            df = pd.read_parquet(path, columns=["key", _STAMP] + (["status"] if "status" in cols else []))
+            df = pq.read_table(path, columns=["key", _STAMP] + (["status"] if "status" in cols else [])).to_pandas()
         except Exception as exc:  # noqa: BLE001  (any unreadable file: skip it, say which)
             warnings.warn(f"ResultStore {self.name!r}: skipping unreadable compacted file {path} ({exc})",
-                          stacklevel=3)
+                          stacklevel=4)
             return None
         err = (df["status"] == "error") if "status" in df.columns else pd.Series(False, index=df.index)
-        idx = (df.assign(_err=err).groupby("key", sort=False)
-               .agg(stamp=(_STAMP, "max"), error=("_err", "all")).reset_index())
+        agg = (df.assign(_err=err).groupby("key", sort=False).agg(stamp=(_STAMP, "max"), error=("_err", "all")))
+        idx = {k: (int(t), bool(e)) for k, t, e in zip(agg.index, agg["stamp"], agg["error"])}
         self._compacted_cache[path.name] = (sig, idx)
         return idx
 
-    def _candidates(self) -> dict[str, list[tuple[int, bool, Path, bool]]]:
+    def _candidates(self, only: str | None = None) -> dict[str, list[tuple[int, bool, str, bool]]]:
         """Per key, its row-sets ``(stamp, is_error, file, in_compacted)``, newest first."""
-        parts, compacted = self._scan()
+        parts, compacted = self._scan(only)
         out: dict[str, list] = {}
         for p in parts:
             out.setdefault(p.key, []).append((p.stamp, p.error, p.path, False))
@@ -255,10 +261,12 @@ class ResultStore:
             idx = self._compacted_index(c)
             if idx is None:
                 continue
-            for key, stamp, err in zip(idx["key"], idx["stamp"], idx["error"]):
-                out.setdefault(key, []).append((int(stamp), bool(err), c, True))
+            items = idx.items() if only is None else ([(only, idx[only])] if only in idx else [])
+            for key, (stamp, err) in items:
+                out.setdefault(key, []).append((stamp, err, str(c), True))
         for v in out.values():
-            v.sort(key=lambda t: (t[0], str(t[2])), reverse=True)
+            if len(v) > 1:
+                v.sort(reverse=True)
         return out
 
     def keys(self, include_errors: bool = False) -> set[str]:
@@ -279,7 +287,7 @@ class ResultStore:
     def has(self, config) -> bool:
         """Whether ``config`` (a dict, a dataclass or a key string) has a finished run stored."""
         key = config if isinstance(config, str) else config_key(config)
-        c = self._candidates().get(key)
+        c = self._candidates(only=key).get(key)
         return bool(c) and not c[0][1]
 
     # ---------------------------------------------------------------------------------------- writing
@@ -352,48 +360,65 @@ class ResultStore:
         return removed
 
     # ---------------------------------------------------------------------------------------- reading
-    def _read(self, path: Path, columns=None) -> pd.DataFrame | None:
+    def _read(self, path: Path):
+        """The part as an arrow table without pandas metadata (``None``, with a warning, when unreadable)."""
+        import pyarrow.parquet as pq
+
         try:
-            return pd.read_parquet(path, columns=columns)
+            return pq.read_table(path).replace_schema_metadata(None)
         except Exception as exc:  # noqa: BLE001  (a truncated or corrupt part must not break the table)
             warnings.warn(f"ResultStore {self.name!r}: skipping unreadable part {path} "
-                          f"({type(exc).__name__}: {exc})", stacklevel=3)
+                          f"({type(exc).__name__}: {exc})", stacklevel=4)
             return None
 
-    def _load(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
-        """Newest row-set per key, with the hidden write-time column, ordered by write time."""
+    def _load_arrow(self, keys: Iterable[str] | None = None):
+        """Newest row-set per key as arrow tables with the hidden write-time column, in write order."""
+        import pyarrow as pa
+
         self.clean_tmp()
         cands = self._candidates()
         if keys is not None:
             wanted = set(keys)
             cands = {k: v for k, v in cands.items() if k in wanted}
-        frames: list[pd.DataFrame] = []
-        compacted: dict[Path, tuple[pd.DataFrame, dict] | None] = {}
+        tables: list[tuple[int, str, pa.Table]] = []
+        compacted: dict[Path, tuple | None] = {}
         for key, options in cands.items():
             for stamp, _err, path, in_compacted in options:
                 if in_compacted:
                     if path not in compacted:
                         whole = self._read(path)
-                        compacted[path] = None if whole is None else (
-                            whole, whole.groupby(["key", _STAMP], sort=False).indices)
+                        compacted[path] = None if whole is None else (whole, whole.select(["key", _STAMP])
+                                                                      .to_pandas().groupby(["key", _STAMP],
+                                                                                           sort=False).indices)
                     if compacted[path] is None:
                         continue
                     whole, groups = compacted[path]
                     rows = groups.get((key, stamp))
                     if rows is None:
                         continue
-                    df = whole.iloc[rows]
+                    t = whole.take(pa.array(rows))
                 else:
-                    df = self._read(path)
-                    if df is None:
+                    t = self._read(path)
+                    if t is None:
                         continue
-                    df = df.assign(**{_STAMP: stamp})
-                frames.append(df)
+                    t = t.append_column(_STAMP, pa.array([stamp] * t.num_rows, pa.int64()))
+                tables.append((stamp, key, t))
                 break
-        if not frames:
+        tables.sort(key=lambda x: (x[0], x[1]))
+        return [t for _, _, t in tables]
+
+    def _load(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
+        """Newest row-set per key, with the hidden write-time column, ordered by write time."""
+        import pyarrow as pa
+
+        tables = self._load_arrow(keys)
+        if not tables:
             return pd.DataFrame()
-        frames.sort(key=lambda f: (int(f[_STAMP].iloc[0]), str(f["key"].iloc[0])))
-        return pd.concat(frames, ignore_index=True)
+        try:
+            return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            # a column whose type differs between parts (e.g. int in one, str in another): let pandas mix them
+            return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
 
     def load(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
         """All stored rows: the newest row-set of each key, in the order they were written.
@@ -417,14 +442,23 @@ class ResultStore:
         Returns:
             The compacted file, or ``None`` when the store is empty.
         """
+        import pyarrow.parquet as pq
+
         parts, compacted = self._scan()
-        table = self._load()
-        if table.empty:
+        import pyarrow as pa
+
+        tables = self._load_arrow()
+        if not tables:
             return None
+        try:
+            table = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise RuntimeError(f"ResultStore.compact: the parts of {self.name!r} do not make one table ({exc}); "
+                               "the parts are left as they were") from exc
         final = self.path / f"_compacted-{_new_id()}.parquet"
         tmp = self.path / f"{final.name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            table.to_parquet(tmp, index=False)
+            pq.write_table(table, tmp)
             os.replace(tmp, final)
         except Exception as exc:
             raise RuntimeError(f"ResultStore.compact: could not write one table for {self.name!r} ({exc}); "
@@ -435,7 +469,7 @@ class ResultStore:
         for p in parts:
             # keep unreadable parts: deleting them would hide the problem
             if self._readable(p.path):
-                p.path.unlink(missing_ok=True)
+                Path(p.path).unlink(missing_ok=True)
         for c in readable_compacted:
             c.unlink(missing_ok=True)
             self._compacted_cache.pop(c.name, None)
