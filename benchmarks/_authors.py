@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FNN", "VGG", "vgg11", "LeNet5", "get_dim", "get_grad_w", "get_nmls", "quad_mean",
-           "weight_factor", "g5_chain", "nmls_bound_terms", "forward_flops"]
+           "weight_factor", "g5_chain", "nmls_bound_terms", "mls_adv", "forward_flops"]
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -319,6 +319,39 @@ def nmls_bound_terms(model: nn.Module, x: Tensor) -> dict[str, float]:
     tr = float(gw["grad_theta2"].mean())
     return {"lhs": float(nm["nmls"].mean()), "rhs": math.sqrt(tr) * math.sqrt(float(nm["harmonic"].mean())),
             "trace_hessian": tr}
+
+
+def mls_adv(model: nn.Module, x: Tensor, delta0: Tensor, n_iters: int = 30, lr: float = 0.1) -> np.ndarray:
+    """Their ViT adversarial MLS (``src/pert.py:eval_mls_adv`` at 2bcbe24), one input at a time.
+
+    Per input: ``delta`` starts at ``delta0[i]`` (theirs: ``randn * rho``, rho = 0.1), Adam (lr 0.1) on
+    :math:`-\lVert\sigma(f(x)) - \sigma(f(x+\delta))\rVert / \lVert\delta\rVert`, ``n_iters`` evaluations
+    each followed by a step; the value is the ratio at the last evaluation (after ``n_iters - 1`` steps).
+    They report its square; this returns the plain ratio ``(N,)``. Parameters are frozen during the loop,
+    as their ``vit_exp`` sets ``requires_grad = False``.
+    """
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = np.zeros(len(x))
+    try:
+        for i in range(len(x)):
+            img = x[i:i + 1]
+            orig = model(img)
+            delta = delta0[i:i + 1].clone().requires_grad_(True)
+            opt = torch.optim.Adam([delta], lr=lr)
+            loss = None
+            for _ in range(n_iters):
+                pert = model(img + delta)
+                loss = -torch.norm(torch.sigmoid(orig) - torch.sigmoid(pert)) / torch.norm(delta.flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            out[i] = -loss.item()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return out
 
 
 def forward_flops(model: nn.Module, x1: Tensor) -> float:

@@ -43,7 +43,7 @@ import _authors as au  # noqa: E402
 from _common import machine_line, parser, print_table  # noqa: E402
 
 from flatness.bounds import mls_bound_chain, nmls_bound  # noqa: E402
-from flatness.compression import local_metrics, network_mls  # noqa: E402
+from flatness.compression import adversarial_mls, local_metrics, network_mls  # noqa: E402
 from flatness.data import load_dataset  # noqa: E402
 from flatness.hessian import hessian_trace  # noqa: E402
 from flatness.losses import half_mse  # noqa: E402
@@ -200,26 +200,27 @@ def theirs_nmls_bound(model, x):
     return {"lhs": t["lhs"], "rhs": t["rhs"]}
 
 
-def _authors_nmls_kwargs() -> dict:
-    """Keyword arguments selecting the authors' NMLS-bound convention in our nmls_bound (None: missing)."""
-    sig = inspect.signature(nmls_bound).parameters
-    src = inspect.getsource(nmls_bound)
-    for kw in ("variant", "convention", "conv"):
-        if kw in sig and '"authors"' in src:
-            return {kw: "authors"}
-    return {}
-
-
 def ours_nmls_bound(model, x):
-    kw = _authors_nmls_kwargs()
-    if not kw:
-        raise ConventionMissing("nmls_bound has no authors' variant")
-    r = nmls_bound(model, x, **kw)
-    auth = getattr(r, "authors", None)
-    rhs = getattr(auth, "rhs", None) if auth is not None else None
-    if rhs is None:
-        rhs = getattr(r, "authors_rhs", r.rhs)
-    return {"lhs": r.lhs, "rhs": rhs}
+    if not _has_kw(nmls_bound, "variant"):
+        raise ConventionMissing("nmls_bound has no variant='authors'")
+    r = nmls_bound(model, x, variant="authors")
+    return {"lhs": r.lhs, "rhs": r.rhs}
+
+
+def _delta0(x: torch.Tensor) -> torch.Tensor:
+    """The initial perturbations adversarial_mls draws for seed 0 (randn of x's shape times 0.1)."""
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype) * 0.1
+
+
+def theirs_adv(model, x):
+    return {"ratio": au.mls_adv(model, x, _delta0(x))}
+
+
+def ours_adv(model, x):
+    if "authors" not in inspect.getsource(adversarial_mls):
+        raise ConventionMissing("adversarial_mls has no variant='authors'")
+    return {"ratio": _np(adversarial_mls(model, x, n_steps=30, lr=0.1, init_std=0.1, output="sigmoid",
+                                         seed=0, variant="authors"))}
 
 
 SPECS = {
@@ -228,6 +229,7 @@ SPECS = {
     "hessian_trace": (theirs_trace, ours_trace, {}, "get_gradW"),
     "mls_bound_chain": (theirs_chain, ours_chain, {}, "G.5: get_dim+get_gradW+norms"),
     "nmls_bound": (theirs_nmls_bound, ours_nmls_bound, {}, "get_nmls+get_gradW"),
+    "adversarial_mls": (theirs_adv, ours_adv, {}, "eval_mls_adv (ViT)"),
 }
 
 
