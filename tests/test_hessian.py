@@ -317,8 +317,11 @@ def test_hessian_trace_auto_uses_the_loss_curvature():
     assert est.method == "hutchpp"
     # Hutch++ with 3x as many probes as parameters sketches the whole space: exact up to round-off
     assert est.value == pytest.approx(true_trace, rel=1e-6)
-    gauss_newton = hessian_trace(model, sigmoid_bce, (x, y), method="exact").value
-    assert abs(gauss_newton - true_trace) > 0.5 * true_trace  # what the old default silently returned
+    gauss_newton = hessian_trace(model, sigmoid_bce, (x, y), method="gauss_newton")
+    assert gauss_newton.method == "gauss_newton"
+    assert abs(gauss_newton.value - true_trace) > 0.5 * true_trace  # what the old default silently returned
+    with pytest.raises(ValueError, match="method='exact'.*sigmoid_bce.*gauss_newton"):
+        hessian_trace(model, sigmoid_bce, (x, y), method="exact")
     assert hessian_trace(model, half_mse, (x, model(x).detach())).method == "exact"
 
 

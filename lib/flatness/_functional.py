@@ -233,7 +233,7 @@ def _first_forward(fn: str, model: nn.Module, f: Callable[[Tensor], Tensor], x: 
     try:
         with torch.no_grad():
             return f(x[:1])
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: models that check their input themselves
         if not _SHAPE_ERROR.search(str(exc)):
             raise
         if first:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-from ._checks import check_choice, check_data, check_int, check_positive
+from ._checks import check_choice, check_data, check_finite, check_int, check_positive
 from ._functional import _check_batch_size, _check_loss, _chunks, _FunctionalModel, _grads
 
 __all__ = [
@@ -79,6 +79,7 @@ class HessianOperator:
         self._fm = _FunctionalModel(fn, model, params=params, dtype=dtype, device=device, eval_mode=eval_mode)
         self.loss_fn = loss_fn
         x, y = self._fm.cast_data(x, y)
+        self._fm.check_labels(fn, loss_fn, x, y)
         self._chunks = _chunks(x, y, batch_size)
         self.cache_graph = len(self._chunks) == 1 if cache_graph is None else bool(cache_graph)
         self._graphs: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
@@ -197,6 +198,7 @@ def _as_operator(fn: str, operator, dim: int | None, dtype, device):
             raise ValueError(f"{fn}: operator has shape {tuple(operator.shape)}; expected a square (D, D) matrix")
         if not operator.is_floating_point():
             raise TypeError(f"{fn}: operator must be a floating-point matrix, got {operator.dtype}")
+        check_finite(fn, "operator", operator)
         A = operator
         return (lambda V: A @ V.to(A.dtype)), A.shape[0], A.dtype, A.device
     if callable(operator):
@@ -220,6 +222,30 @@ def _randn(dim: int, gen: torch.Generator, dtype, device, cols: int | None = Non
 
 def _rademacher(dim: int, gen: torch.Generator, dtype, device, cols: int) -> Tensor:
     return (torch.randint(0, 2, (dim, cols), generator=gen) * 2 - 1).to(device, dtype)
+
+
+def _ritz(alphas: list[float], betas: list[float], kk: int) -> tuple[Tensor, Tensor, float]:
+    """Top-``kk`` Ritz values of the Lanczos tridiagonal (descending, float64), their ``(n, kk)`` eigenvectors
+    and the spectral scale ``max |theta|``: dense ``eigh`` for small ``n``, else LAPACK's tridiagonal
+    bisection + inverse iteration (``O(n kk)`` per call, so long runs stay cheap)."""
+    n = len(alphas)
+    if n <= 64:
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if n > 1:
+            off = torch.tensor(betas[: n - 1], dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        idx = torch.argsort(theta, descending=True)[:kk]
+        return theta[idx], S[:, idx], float(theta.abs().max())
+    import numpy as np
+    from scipy.linalg import eigh_tridiagonal
+
+    a, b = np.asarray(alphas, dtype=np.float64), np.asarray(betas[: n - 1], dtype=np.float64)
+    w, v = eigh_tridiagonal(a, b, select="i", select_range=(n - kk, n - 1))
+    lo = eigh_tridiagonal(a, b, eigvals_only=True, select="i", select_range=(0, 0))
+    order = np.argsort(w)[::-1].copy()
+    return (torch.from_numpy(w[order].copy()), torch.from_numpy(v[:, order].copy()),
+            float(max(abs(w.max()), abs(lo[0]))))
 
 
 def lanczos(operator, k: int = 1, *, dim: int | None = None, max_iter: int | None = None, tol: float = 1e-4,
@@ -274,7 +300,7 @@ def lanczos(operator, k: int = 1, *, dim: int | None = None, max_iter: int | Non
     q = _randn(D, gen, dtype, device)
     q = q / q.norm()
     converged = False
-    theta = S = res = idx = None
+    top = S = res = None
     for j in range(m):
         if j == Q.shape[0]:
             Q = torch.cat([Q, torch.empty(min(m, 2 * Q.shape[0]) - Q.shape[0], D, dtype=dtype, device=device)])
@@ -289,16 +315,11 @@ def lanczos(operator, k: int = 1, *, dim: int | None = None, max_iter: int | Non
             w = w - Qj.T @ (Qj @ w)
         b = float(w.norm())
         alphas.append(a)
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if j > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)
-        idx = torch.argsort(theta, descending=True)[: min(k, j + 1)]
-        res = b * S[j, idx].abs()
-        scale = float(theta.abs().max()) or 1.0
-        history.append(float(theta[idx[0]]))
-        thresh = tol * theta[idx].abs() + 100 * eps * scale
+        top, S, scale = _ritz(alphas, betas, min(k, j + 1))
+        res = b * S[j].abs()
+        scale = scale or 1.0
+        history.append(float(top[0]))
+        thresh = tol * top.abs() + 100 * eps * scale
         if j + 1 == D:
             converged = True  # the Krylov space is the whole space: Ritz values are exact
             break
@@ -316,13 +337,13 @@ def lanczos(operator, k: int = 1, *, dim: int | None = None, max_iter: int | Non
     if not converged:
         worst = int(torch.argmax(res / thresh))
         warnings.warn(f"lanczos: not converged after {len(alphas)} iterations (residual {float(res[worst]):.3g} "
-                      f"> {float(thresh[worst]):.3g} for eigenvalue {float(theta[idx][worst]):.6g}); "
+                      f"> {float(thresh[worst]):.3g} for eigenvalue {float(top[worst]):.6g}); "
                       f"increase max_iter", RuntimeWarning, stacklevel=2)
-    vals = theta[idx].to(device=device, dtype=dtype)
+    vals = top.to(device=device, dtype=dtype)
     vecs = None
     if return_eigenvectors:
         n = len(alphas)
-        vecs = Q[:n].T @ S[:, idx].to(device=device, dtype=dtype)
+        vecs = Q[:n].T @ S.to(device=device, dtype=dtype)
     return EigenResult(vals, vecs, res.to(dtype), len(alphas), converged, history)
 
 
@@ -542,87 +563,283 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, data, k: int = 1, *
     return res if return_result else res.eigenvalues
 
 
+# -- per-example gradient norms: layer-wise factorisation (Linear, Conv1d, Conv2d) + vmap for the rest
+
+_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _fast_modules(fm: _FunctionalModel, model: nn.Module) -> dict[str, nn.Module]:
+    """Modules whose selected parameters can use the factorised per-example norm.
+
+    Exactly ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (not subclasses, whose forward may differ), dense
+    (``groups=1``), zero padding given as integers, owning every use of their parameters (no tying), with at
+    least one of ``weight`` / ``bias`` selected. Whether each is called exactly once per forward is checked
+    on a probe pass (:func:`_probe_fast`).
+    """
+    owners: dict[int, int] = {}
+    for mod in model.modules():
+        for t in mod.parameters(recurse=False):
+            owners[id(t)] = owners.get(id(t), 0) + 1
+    sel = set(fm.names)
+    out = {}
+    for name, mod in model.named_modules():
+        if type(mod) not in _FAST_TYPES:
+            continue
+        if isinstance(mod, nn.modules.conv._ConvNd) and (
+                mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+            continue
+        pre = f"{name}." if name else ""
+        own = [t for t in (mod.weight, mod.bias) if t is not None]
+        if any(owners.get(id(t), 0) != 1 for t in own):
+            continue
+        if f"{pre}weight" in sel or f"{pre}bias" in sel:
+            out[name] = mod
+    return out
+
+
+def _capture(mods: dict[str, nn.Module], store: dict[str, list]):
+    """Forward hooks recording each module's ``(input, output)``; returns the handles.
+
+    The input is copied and the output handed on as a copy, so that a later in-place operation
+    (``ReLU(inplace=True)``, ``out += identity``) changes neither what is recorded nor the graph node whose
+    gradient is taken.
+    """
+    def hook(name):
+        def f(_m, inp, out):
+            store.setdefault(name, []).append((inp[0].detach().clone(), out))
+            return out.clone()
+        return f
+    return [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+
+
+def _unfold(mod: nn.Module, h: Tensor) -> Tensor:
+    """Layer input as ``(B, P, D_in)`` rows, one per output position (Linear: the leading dims after B)."""
+    if isinstance(mod, nn.Linear):
+        return h.reshape(h.shape[0], -1, h.shape[-1])
+    if isinstance(mod, nn.Conv1d):
+        cols = torch.nn.functional.unfold(h.unsqueeze(2), (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]),
+                                          padding=(0, mod.padding[0]), stride=(1, mod.stride[0]))
+    else:
+        cols = torch.nn.functional.unfold(h, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                                          stride=mod.stride)
+    return cols.transpose(1, 2)  # (B, P, C_in * prod(kernel))
+
+
+def _positions(mod: nn.Module, d: Tensor, k: int) -> Tensor:
+    """Output gradients of the ``k`` replicas ``(k * B, ...)`` as ``(B, k, D_out, P)``."""
+    if isinstance(mod, nn.Linear):
+        d = d.reshape(k, d.shape[0] // k, -1, d.shape[-1]).transpose(2, 3)  # (k, B, O, P)
+    else:
+        d = d.reshape(k, d.shape[0] // k, d.shape[1], -1)  # (k, B, O, P)
+    return d.transpose(0, 1)
+
+
+def _layer_norms_sq(mod: nn.Module, h: Tensor, d: Tensor, k: int, weight: bool, bias: bool) -> Tensor:
+    r"""``(B,)`` sums over the ``k`` outputs of :math:`\lVert \nabla_W f_j \rVert_F^2 + \lVert \nabla_b f_j \rVert^2`.
+
+    With rows :math:`h_p` (input patches) and :math:`\delta_p = \partial f_j / \partial z_p` per position,
+    :math:`\nabla_W f_j = \sum_p \delta_p h_p^\top`, so :math:`\lVert\nabla_W f_j\rVert_F^2 = \lVert\delta\rVert^2
+    \lVert h\rVert^2` for one position and :math:`\sum_{p,q} (\delta_p\cdot\delta_q)(h_p\cdot h_q)` in general
+    (the ghost norm, used when it is cheaper than forming :math:`\nabla_W f_j`); :math:`\nabla_b f_j = \sum_p \delta_p`.
+    ``h``: the layer input ``(B, ...)``; ``d``: the output gradients of the ``k`` replicas ``(k B, ...)``.
+    """
+    H = _unfold(mod, h)  # (B, P, I)
+    D = _positions(mod, d, k)  # (B, k, O, P)
+    B, P, I = H.shape
+    O = D.shape[2]
+    total = torch.zeros(B, dtype=D.dtype, device=D.device)
+    if weight:
+        if P == 1:
+            total = total + D.pow(2).sum((1, 2, 3)) * H.pow(2).sum((1, 2))
+        elif P < I * O / (I + O):  # ghost norm: P^2 (I + O) < P I O
+            hh = H @ H.transpose(1, 2)  # (B, P, P)
+            dd = D.transpose(2, 3) @ D  # (B, k, P, P)
+            total = total + (dd * hh[:, None]).sum((1, 2, 3))
+        else:
+            G = D.reshape(B, k * O, P) @ H  # (B, k O, I): the per-example, per-output weight gradients
+            total = total + G.pow(2).sum((1, 2))
+    if bias:
+        total = total + D.sum(3).pow(2).sum((1, 2))
+    return total
+
+
+def _grad_norms_sq(fn: str, model: nn.Module, x: Tensor, params=None, *, chunk_size: int | None = None,
+                   dtype: torch.dtype | None = None, device=None, eval_mode: bool = True, method: str = "auto",
+                   loss_fn: Callable | None = None, y: Tensor | None = None) -> Tensor:
+    """:func:`per_example_grad_norms_sq` under the name ``fn`` (labels checked against ``loss_fn`` if given)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+    if x.ndim < 1 or len(x) == 0:
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}; expected (N, ...) with N >= 1")
+    check_choice(fn, "method", method, ("auto", "vmap"))
+    fm = _FunctionalModel(fn, model, params=params, dtype=dtype, device=device, eval_mode=eval_mode)
+    x = x.to(fm.device, fm.dtype) if x.is_floating_point() else x.to(fm.device)
+    if loss_fn is not None:
+        fm.check_labels(fn, loss_fn, x, y)
+    if chunk_size is not None:
+        chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
+
+    # which selected parameters take the factorised path: probe one forward pass (two examples if there are)
+    fast: dict[str, nn.Module] = {}
+    batch_stats = not eval_mode and any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                                        for m in model.modules())
+    if method == "auto" and not batch_stats:  # examples must not interact within a batch
+        fast = _fast_modules(fm, model)
+    store: dict[str, list] = {}
+    handles = _capture(fast, store)
+    try:
+        with torch.no_grad():
+            probe = x[:2]
+            out = fm(fm.params, probe)
+    finally:
+        for hd in handles:
+            hd.remove()
+    k = out[0].numel()
+    for n in list(fast):
+        calls = store.get(n, [])
+        if len(calls) != 1 or calls[0][0].shape[0] != len(probe) or calls[0][1].shape[0] != len(probe):
+            del fast[n]  # called twice, never, or not batch-first: generic path
+    pre = {n: (f"{n}." if n else "") for n in fast}
+    fast_names = {f"{pre[n]}{kind}" for n in fast for kind in ("weight", "bias")} & set(fm.names)
+    rest = [n for n in fm.names if n not in fast_names]
+    act = sum(v[0][1][0].numel() + v[0][0][0].numel() for v in store.values() if v)
+    dim_rest = sum(fm.params[n].numel() for n in rest)
+    if chunk_size is None:  # ~2**25 floats of Jacobians / output gradients per chunk
+        chunk_size = max(1, 2**25 // max(1, k * (dim_rest + act)))
+
+    def f_single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return fm({**fm.params, **p}, xi.unsqueeze(0)).reshape(-1)
+
+    jac = vmap(jacrev(f_single), in_dims=(None, 0))
+    out_norms = []
+    for xc in x.split(chunk_size):
+        g = torch.zeros(len(xc), dtype=fm.dtype, device=fm.device)
+        if fast:
+            # k replicas of the chunk; replica j back-propagates output j: one backward pass gives every
+            # example's output gradient d f_j / d z at every factorised layer
+            B = len(xc)
+            store.clear()
+            leaves = {n: (fm.params[n].detach().requires_grad_(True) if n in fast_names else fm.params[n])
+                      for n in fm.names}
+            handles = _capture(fast, store)
+            try:
+                with torch.enable_grad():
+                    o = fm(leaves, xc.repeat(k, *([1] * (xc.ndim - 1)))).reshape(k, B, k)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            names = list(fast)
+            zs = [store[n][0][1] for n in names]
+            picked = torch.diagonal(o, dim1=0, dim2=2).sum()  # sum_j sum_i f_j(x_i) on replica j
+            deltas = torch.autograd.grad(picked, zs, allow_unused=True)
+            for n, d in zip(names, deltas):
+                if d is not None:
+                    g = g + _layer_norms_sq(fast[n], store[n][0][0][:B], d, k, f"{pre[n]}weight" in fast_names,
+                                            f"{pre[n]}bias" in fast_names)
+            del o, zs, deltas, picked
+            store.clear()
+        if rest:
+            J = jac({n: fm.params[n] for n in rest}, xc)  # name -> (B, K, *shape)
+            g = g + sum(J[n].pow(2).flatten(1).sum(1) for n in rest)
+        out_norms.append(g.detach())
+    return torch.cat(out_norms)
+
+
 def per_example_grad_norms_sq(model: nn.Module, x: Tensor, params=None, *, chunk_size: int | None = None,
-                              dtype: torch.dtype | None = None, device=None, eval_mode: bool = True) -> Tensor:
+                              dtype: torch.dtype | None = None, device=None, eval_mode: bool = True,
+                              method: str = "auto") -> Tensor:
     r"""Squared Frobenius norms of the per-example parameter Jacobians of the outputs.
 
     .. math:: g_i = \lVert \nabla_\theta f(x_i) \rVert_F^2 = \sum_{j=1}^{k} \lVert \nabla_\theta f_j(x_i) \rVert^2
 
-    (summed over the ``k`` outputs), computed with ``vmap(jacrev)`` over examples, ``chunk_size`` examples
-    at a time (default: as many as fit ``2**25`` Jacobian entries). ``params`` restricts the gradient (e.g.
-    ``["1.weight"]`` for the first layer of an :class:`~flatness.models.FCN`) or, as a mapping
-    name -> tensor, evaluates at other values. Chen et al. 2023's sharpness is the mean of :math:`g_i`.
+    (summed over the ``k`` outputs). Chen et al. 2023's sharpness (eq. (zloss_sharpness)) is the mean of
+    :math:`g_i`. ``params`` restricts the gradient (e.g. ``["1.weight"]`` for the first layer of an
+    :class:`~flatness.models.FCN`) or, as a mapping name -> tensor, evaluates at other values.
+
+    ``method="auto"``: for the parameters of ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers (dense,
+    zero padding, each called once per forward, parameters not tied) the norm factorises over the layer's
+    input :math:`h` and output gradient :math:`\delta_j = \partial f_j / \partial z` (Goodfellow 2015; the
+    ghost norm of Li et al. 2022 for convolutions):
+
+    .. math:: \lVert \nabla_W f_j \rVert_F^2 = \Big\lVert \sum_p \delta_{j,p} h_p^\top \Big\rVert_F^2
+              = \sum_{p,q} (\delta_{j,p} \cdot \delta_{j,q})(h_p \cdot h_q), \qquad
+              \lVert \nabla_b f_j \rVert^2 = \Big\lVert \sum_p \delta_{j,p} \Big\rVert^2
+
+    over output positions :math:`p` (one for a Linear layer on ``(N, D)`` inputs, where it is
+    :math:`\lVert\delta_j\rVert^2 \lVert h\rVert^2`), so one forward pass and one batched backward pass per
+    output through the activations suffice; no per-example parameter gradient is formed. This assumes that
+    examples do not interact within a batch (true in eval mode; with ``eval_mode=False`` and batch-norm in
+    training mode the generic path is used). Every other parameter (norm layers, attention projections used
+    functionally, tied weights) uses ``vmap(jacrev)`` per-example Jacobians, as ``method="vmap"`` does for all.
 
     Args:
         model: the network (left unchanged).
         x: ``(N, ...)`` inputs.
         params: ``None`` (all trainable parameters), names, or a mapping name -> tensor.
-        chunk_size: examples per vectorised Jacobian.
+        chunk_size: examples per vectorised chunk (default: about ``2**25`` Jacobian / gradient entries).
         dtype, device: compute dtype and device (default: the model's).
         eval_mode: forward passes in eval mode.
+        method: ``"auto"`` (factorised where possible) or ``"vmap"`` (per-example Jacobians throughout).
 
     Returns:
         ``(N,)`` tensor on the compute device.
     """
-    fn = "per_example_grad_norms_sq"
-    if not torch.is_tensor(x):
-        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
-    if x.ndim < 1 or len(x) == 0:
-        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}; expected (N, ...) with N >= 1")
-    fm = _FunctionalModel(fn, model, params=params, dtype=dtype, device=device, eval_mode=eval_mode)
-    x = x.to(fm.device, fm.dtype) if x.is_floating_point() else x.to(fm.device)
-    with torch.no_grad():
-        k = fm(fm.params, x[:1]).numel()
-    if chunk_size is None:
-        chunk_size = max(1, 2**25 // max(1, k * fm.dim))
-    chunk_size = check_int(fn, "chunk_size", chunk_size, minimum=1)
+    return _grad_norms_sq("per_example_grad_norms_sq", model, x, params, chunk_size=chunk_size, dtype=dtype,
+                          device=device, eval_mode=eval_mode, method=method)
 
-    def f_single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return fm(p, xi.unsqueeze(0)).reshape(-1)
 
-    jac = vmap(jacrev(f_single), in_dims=(None, 0))
-    out = []
-    for xc in x.split(chunk_size):
-        J = jac(fm.params, xc)  # name -> (B, k, *shape)
-        out.append(sum(J[n].pow(2).flatten(1).sum(1) for n in fm.names).detach())
-    return torch.cat(out)
+_TRACE_METHODS = ("auto", "exact", "gauss_newton", "hutchinson", "hutchpp")
 
 
 def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: str = "auto",
                   n_samples: int = 100, seed: int = 0, batch_size: int | None = None, params=None,
                   chunk_size: int | None = None, dtype: torch.dtype | None = None, device=None,
                   eval_mode: bool = True) -> TraceEstimate:
-    r"""Trace of the training-loss Hessian: Chen et al.'s exact Gauss-Newton form or a stochastic estimate.
+    r"""Trace of the training-loss Hessian: Chen et al.'s Gauss-Newton form or a stochastic estimate.
 
-    ``"exact"`` (Chen et al. 2023, eq. (zloss_sharpness)):
+    ``"gauss_newton"`` (Chen et al. 2023, eq. (zloss_sharpness)), whatever the loss:
 
-    .. math:: \operatorname{Tr} H \approx \frac1n \sum_{i=1}^n \lVert \nabla_\theta f(x_i) \rVert_F^2
+    .. math:: \operatorname{Tr} G = \frac1n \sum_{i=1}^n \lVert \nabla_\theta f(x_i) \rVert_F^2
               = \operatorname{Tr} \frac1n \sum_i J_i^\top J_i,
 
-    the trace of the Gauss-Newton matrix of :func:`flatness.losses.half_mse`; it equals the true Hessian trace
-    for ``half_mse`` at an interpolation minimum (:math:`f(x_i) = y_i`). It uses only ``model`` and ``x``:
-    ``loss_fn`` and ``y`` are ignored, and so is the curvature of any other loss. ``std_err`` is 0 and
-    ``n_samples`` the number of examples. Computed by :func:`per_example_grad_norms_sq`.
+    summed over the ``k`` outputs: the trace of the Gauss-Newton matrix of
+    :func:`flatness.losses.half_mse`, which equals the true Hessian trace of ``half_mse`` at an
+    interpolation minimum (:math:`f(x_i) = y_i`; the paper's sharpness, its figures plot
+    :math:`\sqrt{\operatorname{Tr} H}`). It uses only ``model`` and ``x``; ``loss_fn`` and ``y`` are not used.
+    ``std_err`` is 0 and ``n_samples`` the number of examples. Computed by
+    :func:`per_example_grad_norms_sq` (one backward pass per output through the activations, no
+    per-example parameter gradients for Linear / Conv layers).
+
+    ``"exact"``: the same number, allowed only where it is the loss's own Gauss-Newton trace: ``loss_fn``
+    is :func:`~flatness.losses.half_mse` or ``None``. With any other loss (BCE, cross-entropy) it raises a
+    ``ValueError``: their Hessian trace differs from the half-MSE Gauss-Newton trace (26x and 76x on an
+    FCN and a VGG); ask for ``"gauss_newton"`` (the paper's quantity) or ``"hutchpp"`` (that loss's trace)
+    explicitly. Away from interpolation even the ``half_mse`` Hessian adds
+    :math:`\frac1n \sum_i (f(x_i) - y_i)^\top \operatorname{Tr} \nabla^2_\theta f(x_i)`, which ``"exact"`` omits.
 
     ``"hutchinson"`` / ``"hutchpp"``: :func:`hutchinson_trace` / :func:`hutchpp_trace` applied to the Hessian
     of ``loss_fn`` (any loss, any point) with ``n_samples`` Hessian-vector products.
 
     Args:
         model: the network (left unchanged).
-        loss_fn: mean loss ``loss_fn(outputs, y)``; may be ``None`` for ``"exact"``.
+        loss_fn: mean loss ``loss_fn(outputs, y)``; may be ``None`` for ``"exact"`` and ``"gauss_newton"``.
         data: ``(x, y)``.
         method: ``"auto"`` (default: ``"exact"`` when ``loss_fn`` is ``None`` or
             :func:`~flatness.losses.half_mse`, else ``"hutchpp"``, so that another loss's curvature is never
-            silently ignored), ``"exact"``, ``"hutchinson"`` or ``"hutchpp"``.
+            silently ignored), ``"exact"``, ``"gauss_newton"``, ``"hutchinson"`` or ``"hutchpp"``.
         n_samples: probes (Hessian-vector products) of the stochastic methods.
         seed: seed of the probes.
         batch_size: examples per chunk of the Hessian-vector products.
         params: restrict to / evaluate at these parameters.
-        chunk_size: examples per vectorised Jacobian (``"exact"``).
+        chunk_size: examples per vectorised chunk (``"exact"``, ``"gauss_newton"``).
         dtype, device, eval_mode: as :func:`hessian_eigenvalues`.
 
     Returns:
         :class:`TraceEstimate` ``(value, std_err, n_samples, method)``.
+
+    Raises:
+        ValueError: ``method="exact"`` with a loss other than ``half_mse``; non-finite parameters; labels
+            invalid for the loss (:func:`flatness._checks.check_labels`).
 
     Example:
         >>> from flatness.losses import half_mse
@@ -633,16 +850,24 @@ def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: s
         True
     """
     fn = "hessian_trace"
-    check_choice(fn, "method", method, ("auto", "exact", "hutchinson", "hutchpp"))
-    if method == "auto":
-        from .losses import half_mse
+    check_choice(fn, "method", method, _TRACE_METHODS)
+    from .losses import half_mse
 
+    if method == "auto":
         method = "exact" if loss_fn is None or loss_fn is half_mse else "hutchpp"
-    if method == "exact":
-        x, _ = check_data(fn, data)
-        g = per_example_grad_norms_sq(model, x, params, chunk_size=chunk_size, dtype=dtype, device=device,
-                                      eval_mode=eval_mode)
-        return TraceEstimate(float(g.double().mean()), 0.0, len(x), "exact")
+    if method == "exact" and loss_fn is not None and loss_fn is not half_mse:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise ValueError(f"{fn}: method='exact' is the Gauss-Newton trace of half_mse, not the Hessian trace of "
+                         f"loss_fn={name}; use method='gauss_newton' for Chen et al.'s (1/n) sum_i "
+                         f"||grad_theta f(x_i)||_F^2 whatever the loss, or method='hutchpp' / 'hutchinson' "
+                         f"(or 'auto') for the trace of {name}'s own Hessian")
+    if method in ("exact", "gauss_newton"):
+        x, y = check_data(fn, data)
+        if loss_fn is not None:
+            _check_loss(fn, loss_fn)
+        g = _grad_norms_sq(fn, model, x, params, chunk_size=chunk_size, dtype=dtype, device=device,
+                           eval_mode=eval_mode, loss_fn=loss_fn, y=y)
+        return TraceEstimate(float(g.double().mean()), 0.0, len(x), method)
     op = HessianOperator(model, loss_fn, data, params=params, batch_size=batch_size, dtype=dtype, device=device,
                          eval_mode=eval_mode)
     if method == "hutchinson":

@@ -30,7 +30,7 @@ from .hessian import HessianOperator, TraceEstimate, hessian_eigenvalues, hessia
 from .models import parametrized_layers
 
 __all__ = [
-    "KeskarResult", "keskar_sharpness", "log_top_eig_product",
+    "KeskarResult", "keskar_sharpness", "log_top_eig_product", "LogEigProduct",
     "AdaptiveSharpnessResult", "adaptive_sharpness", "relative_flatness",
     # Hessian-based measures live in flatness.hessian; re-exported here as the public home of every
     # flatness measure (the issues name flatness.sharpness.hessian_eigenvalues / hessian_trace).
@@ -170,6 +170,7 @@ def keskar_sharpness(model: nn.Module, loss_fn: Callable, data, zeta: float = 1e
     fm = _FunctionalModel(fn, model, dtype=torch.float64 if method == "lbfgsb" else dtype, device=device,
                           eval_mode=eval_mode)
     x, y = fm.cast_data(x, y)
+    fm.check_labels(fn, loss_fn, x, y)
     chunks = _chunks(x, y, eval_batch_size)
     w = fm.params
     radius = {n: zeta * (w[n].abs() + 1) for n in fm.names}
@@ -243,11 +244,44 @@ def keskar_sharpness(model: nn.Module, loss_fn: Callable, data, zeta: float = 1e
 # Hessian log-product
 # --------------------------------------------------------------------------------------------------
 
+class LogEigProduct(float):
+    """The value of :func:`log_top_eig_product`: a ``float`` that also says whether it can be trusted.
+
+    Attributes:
+        converged: Lanczos / power iteration met its residual tolerance for all top-k eigenvalues. When
+            ``False`` the value is an estimate from a truncated Krylov space (e.g. 9% off on a VGG at 200
+            iterations) and a ``RuntimeWarning`` was issued.
+        eigenvalues: the ``(k,)`` top eigenvalues (CPU), descending.
+        n_positive: how many entered the sum (those above ``min_eig``).
+        n_matvec: Hessian-vector products used.
+        residuals: ``(k,)`` residual norms of the eigenpairs.
+    """
+
+    converged: bool
+    eigenvalues: Tensor
+    n_positive: int
+    n_matvec: int
+    residuals: Tensor
+
+    def __new__(cls, value: float, *, converged: bool, eigenvalues: Tensor, n_positive: int, n_matvec: int,
+                residuals: Tensor):
+        obj = super().__new__(cls, value)
+        obj.converged, obj.eigenvalues, obj.n_positive = bool(converged), eigenvalues, int(n_positive)
+        obj.n_matvec, obj.residuals = int(n_matvec), residuals
+        return obj
+
+    def __repr__(self) -> str:
+        return f"LogEigProduct({float(self)!r}, converged={self.converged}, n_positive={self.n_positive})"
+
+    def __reduce__(self):  # pickles (results tables, multiprocessing) as a plain float
+        return (float, (float(self),))
+
+
 def log_top_eig_product(model: nn.Module, loss_fn: Callable, data, k: int = 50, *, method: str = "lanczos",
                         min_eig: float | None = None, tol: float = 1e-4, max_iter: int | None = None,
                         seed: int = 0, batch_size: int | None = None, dtype: torch.dtype | None = None,
                         device=None, eval_mode: bool = True,
-                        return_eigenvalues: bool = False) -> float | tuple[float, Tensor]:
+                        return_eigenvalues: bool = False) -> LogEigProduct | tuple[LogEigProduct, Tensor]:
     r"""Log of the product of the top-k positive Hessian eigenvalues (Zhang et al. 2021, Fig. S4).
 
     .. math:: \log \prod_{j \le k,\ \lambda_j > 0} \lambda_j = \sum_{j \le k,\ \lambda_j > 0} \log \lambda_j
@@ -261,19 +295,36 @@ def log_top_eig_product(model: nn.Module, loss_fn: Callable, data, k: int = 50, 
     add arbitrary large negative logs. A ``RuntimeWarning`` says how many were left out. If none is
     positive the result is ``-inf``.
 
+    The eigensolver runs until all k residuals meet ``tol``, within a budget that grows with k
+    (Lanczos: ``max(300, 20 k)`` Krylov vectors, capped at the dimension; memory that many parameter
+    vectors; power iteration: ``max(1000, 20 k)`` products per eigenpair). The 50th eigenvalue of a trained
+    network sits in a dense part of the spectrum and needs far more than the ``4 k`` of
+    :func:`~flatness.hessian.lanczos`' default. If the budget runs out, the value comes back with
+    ``converged=False`` (and a warning): check it.
+
     Args:
         model, loss_fn, data: as :func:`flatness.hessian.hessian_eigenvalues`.
         k: number of top eigenvalues.
         min_eig: eigenvalues ``<= min_eig`` count as non-positive (default: numerical zero, see above).
-        method, tol, max_iter, seed, batch_size, dtype, device, eval_mode: passed to
+        max_iter: the eigensolver's budget (default above).
+        method, tol, seed, batch_size, dtype, device, eval_mode: passed to
             :func:`flatness.hessian.hessian_eigenvalues`.
-        return_eigenvalues: also return the ``(k,)`` eigenvalues.
+        return_eigenvalues: also return the ``(k,)`` eigenvalues (they are also ``result.eigenvalues``).
 
     Returns:
-        The natural-log product (float), and the eigenvalues if asked.
+        A :class:`LogEigProduct`: the natural-log product as a ``float`` subclass, with ``converged``,
+        ``eigenvalues``, ``n_positive``, ``n_matvec`` and ``residuals``; and the eigenvalues if asked (a tuple,
+        as before).
     """
-    ev = hessian_eigenvalues(model, loss_fn, data, k, method=method, tol=tol, max_iter=max_iter, seed=seed,
-                             batch_size=batch_size, dtype=dtype, device=device, eval_mode=eval_mode)
+    fn = "log_top_eig_product"
+    check_choice(fn, "method", method, ("lanczos", "power"))
+    k = check_int(fn, "k", k, minimum=1)
+    if max_iter is None:
+        max_iter = max(300, 20 * k) if method == "lanczos" else max(1000, 20 * k)
+    res = hessian_eigenvalues(model, loss_fn, data, k, method=method, tol=tol, max_iter=max_iter, seed=seed,
+                              batch_size=batch_size, dtype=dtype, device=device, eval_mode=eval_mode,
+                              return_result=True)
+    ev = res.eigenvalues
     if min_eig is None:
         min_eig = max(0.0, 100 * torch.finfo(ev.dtype).eps * float(ev[0]))
     pos = ev[ev > min_eig]
@@ -282,7 +333,9 @@ def log_top_eig_product(model: nn.Module, loss_fn: Callable, data, k: int = 50, 
                       f"positive (<= min_eig={min_eig:.3g}) and are left out of the log product",
                       RuntimeWarning, stacklevel=2)
     value = float(pos.double().log().sum()) if len(pos) else float("-inf")
-    return (value, ev) if return_eigenvalues else value
+    out = LogEigProduct(value, converged=res.converged, eigenvalues=ev, n_positive=len(pos), n_matvec=res.n_matvec,
+                        residuals=res.residuals.cpu())
+    return (out, ev) if return_eigenvalues else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,12 +347,13 @@ class AdaptiveSharpnessResult:
     """Result of :func:`adaptive_sharpness`.
 
     Attributes:
-        value: average case :math:`E[L(w+\\delta) - L(w)] / \\rho^2`; worst case :math:`\\max L(w+\\delta) - L(w)`
-            (averaged over the m-batches).
+        value: average case :math:`E[L(w+\\delta) - L(w)] / \\rho^2` (Chen et al. 2023, Fig. 4); worst case
+            :math:`\\max L(w+\\delta) - L(w)` (averaged over the m-batches).
         std_err: standard error of ``value`` (average case: over noise draws; worst case: over m-batches,
             NaN with a single batch).
         n_draws: noise draws used (average case; 0 for the worst case).
-        raw: the unnormalised loss increase (``value * rho**2`` for the average case, ``value`` for the worst).
+        raw: the unnormalised loss increase (``value * rho**2`` for the average case, ``value`` for the worst):
+            what Andriushchenko et al.'s code reports, for both kinds.
         loss: :math:`L(w)` on the data.
         kind, norm, rho: the settings.
         n_batches: number of m-batches.
@@ -333,13 +387,25 @@ def adaptive_sharpness(model: nn.Module, loss_fn: Callable, data, rho: float = 0
                        device=None, eval_mode: bool = True) -> AdaptiveSharpnessResult:
     r"""Adaptive (weight-scaled) sharpness, average or worst case (Andriushchenko et al. 2023).
 
-    Average case (Chen et al. 2023, ViT figure), :math:`\delta_p \sim N(0, \rho^2 w_p^2)` independently:
+    Average case, :math:`\delta_p = \rho\, |w_p|\, \epsilon_p` with independent :math:`\epsilon_p`:
+    standard normal for ``norm="l2"`` (:math:`\delta_p \sim N(0, \rho^2 w_p^2)`) and uniform on
+    :math:`[-1, 1]` for ``norm="linf"`` (uniform in the adaptive box :math:`|\delta_p| \le \rho |w_p|`), as
+    Andriushchenko et al.'s ``random_init_lw`` (``tml-epfl/sharpness-vs-generalization``):
 
     .. math:: S_{\text{avg}} = \frac{1}{\rho^2}\, E_\delta \big[ L(w + \delta) - L(w) \big]
+              \quad (\texttt{.value}), \qquad
+              E_\delta \big[ L(w + \delta) - L(w) \big] \quad (\texttt{.raw})
 
     estimated from ``n_draws`` draws, then more (``draw_batch`` at a time) until the standard error is at
     most ``rel_tol`` times the estimate or ``max_draws`` is reached (reference: 50, up to 200). For a
-    quadratic at a minimum it is :math:`\frac12 \sum_p H_{pp} w_p^2`.
+    quadratic at a minimum ``.value`` is :math:`\frac{c}{2} \sum_p H_{pp} w_p^2` with :math:`c = E\epsilon_p^2`,
+    1 for ``"l2"`` and 1/3 for ``"linf"`` (the ratio 3 holds near a quadratic minimum only; 2.75x and 4.6x were
+    seen on an FCN and a VGG).
+
+    Which number is which paper's: Chen et al. 2023's ViT figure (Fig. 4; ``chinsengi/sharpdim``
+    ``src/pert.py``) divides by :math:`\rho^2` and uses ``"l2"``: ``.value``. Andriushchenko et al. 2023's
+    average-case sharpness (``eval_average_sharpness`` in their code, l2 and l-inf) is the raw increase:
+    ``.raw`` (``= .value * rho**2``). The worst case is never divided (``.value == .raw``).
 
     Worst case, with :math:`\delta = |w| \odot u`:
 
@@ -364,7 +430,8 @@ def adaptive_sharpness(model: nn.Module, loss_fn: Callable, data, rho: float = 0
         data: ``(x, y)``.
         rho: perturbation radius :math:`\rho > 0`.
         kind: ``"average"`` or ``"worst"``.
-        norm: ``"l2"`` or ``"linf"`` (worst case; the average case is Gaussian).
+        norm: ``"l2"`` or ``"linf"``: the ball of the worst case, the noise of the average case (Gaussian or
+            uniform in the box).
         n_draws, max_draws, rel_tol: average-case sampling (see above).
         m: m-sharpness batch size (``None``: all data in one batch).
         n_steps, step_size, momentum: APGD settings.
@@ -396,6 +463,7 @@ def adaptive_sharpness(model: nn.Module, loss_fn: Callable, data, rho: float = 0
     batch_size = _check_batch_size(fn, batch_size)
     fm = _FunctionalModel(fn, model, dtype=dtype, device=device, eval_mode=eval_mode)
     x, y = fm.cast_data(x, y)
+    fm.check_labels(fn, loss_fn, x, y)
     gen = torch.Generator().manual_seed(int(seed))
     N = len(x)
     if m is None or m >= N:
@@ -421,8 +489,12 @@ def adaptive_sharpness(model: nn.Module, loss_fn: Callable, data, rho: float = 0
         def draw(count: int) -> Tensor:
             total = torch.zeros(count, dtype=torch.float64)
             for wb, ch, b0 in zip(weights, batch_chunks, base):
-                eps = {n: torch.randn((count, *w[n].shape), generator=gen, dtype=torch.float64).to(w[n])
-                       for n in fm.names}
+                if norm == "linf":  # uniform in the box |delta_p| <= rho |w_p|
+                    eps = {n: (2 * torch.rand((count, *w[n].shape), generator=gen, dtype=torch.float64) - 1)
+                           .to(w[n]) for n in fm.names}
+                else:  # Gaussian N(0, rho^2 w_p^2)
+                    eps = {n: torch.randn((count, *w[n].shape), generator=gen, dtype=torch.float64).to(w[n])
+                           for n in fm.names}
                 stacked = {n: w[n] + rho * scale[n] * eps[n] for n in fm.names}
                 with torch.no_grad():
                     try:
