@@ -40,7 +40,7 @@ def test_small_vgg_init_distribution(one_thread):
     for c in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
         target = math.sqrt(2.0 / (9 * c.out_channels))
         assert c.weight.std().item() == pytest.approx(target, rel=0.1), c
-        assert c.weight.mean().abs().item() < 0.1 * target
+        assert c.weight.mean().abs().item() < 0.25 * target  # >= 4 standard errors for 432 weights
         assert torch.count_nonzero(c.bias) == 0
     # head keeps PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
     fc = m.classifier[0]
