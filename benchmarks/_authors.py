@@ -281,8 +281,9 @@ def quad_mean(x: Tensor) -> float:
     return math.sqrt(q / len(x))
 
 
-def weight_factor(model: nn.Module, x1: Tensor) -> float:
-    """:math:`(\\sum_l c_l)^{1/2}` of :func:`get_nmls` (Fig. G.5's factor), computed once from one forward."""
+def weight_factor(model: nn.Module, x1: Tensor, first: bool = False) -> float:
+    """:math:`(\\sum_l c_l)^{1/2}` of :func:`get_nmls` (Fig. G.5's ``W``), or with ``first`` the first layer's
+    :math:`c_1^{1/2}` (their ``W0``, the factor of Fig. 3's bound "D"), computed once from one forward."""
     fnn = _is_fnn(model)
     numel: dict[int, int] = {}
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -295,21 +296,23 @@ def weight_factor(model: nn.Module, x1: Tensor) -> float:
     finally:
         for h in handles:
             h.remove()
-    return math.sqrt(sum(float(_layer_coef(m.weight.detach(), numel[id(m)], fnn)) for m in layers if id(m) in numel))
+    coefs = [float(_layer_coef(m.weight.detach(), numel[id(m)], fnn)) for m in layers if id(m) in numel]
+    return math.sqrt(coefs[0] if first else sum(coefs))
 
 
 def g5_chain(model: nn.Module, x: Tensor) -> dict[str, float]:
     """Fig. G.5's A, B, C, D as their ``plot_bound_mls.py`` combines ``get_dim``, ``get_gradW``, ``quad_mean``
-    and the weight factor of ``get_nmls`` (:math:`(\\sum_l \\lVert W_l\\rVert_2^2)^{1/2}` for the FNN)."""
+    and the weight factor of ``get_nmls`` (:math:`(\\sum_l \\lVert W_l\\rVert_2^2)^{1/2}` for the FNN), and
+    Fig. 3's MLS bound "D" of ``plot_corr.py`` (``sharpness * W0 * quad``, first layer only)."""
     dim = get_dim(model, x)
     gw = get_grad_w(model, x)
-    w = weight_factor(model, x)
+    w, w0 = weight_factor(model, x), weight_factor(model, x, first=True)
     q = quad_mean(x)
     sharp = math.sqrt(float(gw["grad_theta2"].mean()))
     return {"A": float(dim["mls"].mean()),
             "B": float((np.sqrt(gw["grad_w2"]) / gw["x_norm"]).mean()) * w,
             "C": w * q * math.sqrt(float(gw["grad_w2"].mean())),
-            "D": sharp * w * q, "trace_hessian": sharp**2, "weight_factor": w}
+            "D": sharp * w * q, "D_fig3": sharp * w0 * q, "trace_hessian": sharp**2, "weight_factor": w}
 
 
 def nmls_bound_terms(model: nn.Module, x: Tensor) -> dict[str, float]:

@@ -16,7 +16,9 @@ machine's fp32 conv peak, measured in the same run by a large conv2d forward+bac
 difference of the values (log volume: absolute below 1) in float32 (the timed runs) and in float64 (a
 separate run of both sides on float64 copies; the float32 column is dominated by rounding near ReLU/max-pool
 kinks, the float64 one is the comparison against the 1e-5 target). Each row compares matching conventions:
-log volume of the top 3 eigenvalues, Fig. G.5's all-layers weight factor, the authors' CNN NMLS term.
+log volume of the top 3 eigenvalues, Fig. G.5's all-layers weight factor (and Fig. 3's first-layer "D"),
+the authors' NMLS term (``nmls_bound(variant="authors")``), and ``adversarial_mls(variant="authors")`` against
+their per-image ViT loop (``eval_mls_adv``) started from the same perturbations.
 Where our API does not offer the authors' convention, the row says "n/a (convention not available)".
 
 Run: ``python benchmarks/bench_reference.py [--quick] [--train-steps S]``; ``--quick``: 10 FNN and 4 VGG inputs.
@@ -185,14 +187,15 @@ def ours_trace(model, x):
 
 def theirs_chain(model, x):
     c = au.g5_chain(model, x)
-    return {k: c[k] for k in ("A", "B", "C", "D")}
+    return {k: c[k] for k in ("A", "B", "C", "D", "D_fig3")}
 
 
 def ours_chain(model, x):
     if not _has_kw(mls_bound_chain, "weight_norm"):
         raise ConventionMissing("mls_bound_chain has no weight_norm='all_layers'")
     r = mls_bound_chain(model, x, weight_norm="all_layers")
-    return {"A": r.A, "B": r.B, "C": r.C, "D": r.D}
+    # Fig. 3's "D" uses the first layer's factor (their W0 = ||W_1||_2 for the FNN): weight_norm="first"
+    return {"A": r.A, "B": r.B, "C": r.C, "D": r.D, "D_fig3": r.D * r.w_spectral_norm / r.weight_factor}
 
 
 def theirs_nmls_bound(model, x):
