@@ -243,7 +243,8 @@ def load_dataset(name: str, split: str = "train", *, source: str = "auto", downl
     Raises:
         ValueError: unknown name, split or source.
         FileNotFoundError: nothing found; the message lists every place looked at and how to get the files.
-        OSError: a file exists but its sha256 does not match (corrupt or different version).
+        OSError: a file exists but its sha256 does not match (corrupt or different version), or
+            ``data/manifest.json`` is truncated or corrupt (the message says how to rebuild or restore it).
     """
     check_choice("load_dataset", "name", name, DATASETS)
     check_choice("load_dataset", "split", split, SPLITS)
