@@ -21,7 +21,6 @@ their code):
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -228,14 +227,9 @@ def test_nmls_bound_fnn_spectral_convention():
 
 
 # ------------------------------------------------------------------------------- (e) Hessian trace
-_GN = "gauss_newton" in (hessian_trace.__doc__ or "")
-
-
 @pytest.mark.parametrize("method", ["exact", "gauss_newton"])
 def test_trace_linear_model_closed_form(method):
     """f = W x + b, k = 3 outputs: grad_W f_j = e_j x^T, grad_b f_j = e_j, so Tr = k mean(||x||^2 + 1)."""
-    if method == "gauss_newton" and not _GN:
-        pytest.xfail("waiting for hessian_trace(method='gauss_newton') (H2)")
     model = nn.Linear(4, 3).to(D64)
     x = torch.tensor([[1.0, 2.0, 2.0, 0.0], [0.0, 3.0, 0.0, 4.0]], dtype=D64)  # ||x||^2 = 9, 25
     with torch.no_grad():
@@ -244,7 +238,6 @@ def test_trace_linear_model_closed_form(method):
     assert est.value == pytest.approx(3 * (10 + 26) / 2, rel=1e-12)
 
 
-@pytest.mark.xfail(not _GN, reason="waiting for hessian_trace 'exact' to refuse non-MSE losses (H2)", strict=False)
 def test_trace_exact_refuses_bce_and_gauss_newton_accepts_it():
     model = nn.Linear(4, 1).to(D64)
     x = torch.tensor([[1.0, 2.0, 2.0, 0.0], [0.0, 3.0, 0.0, 4.0]], dtype=D64)
@@ -256,13 +249,6 @@ def test_trace_exact_refuses_bce_and_gauss_newton_accepts_it():
 
 
 # ------------------------------------------------------------------------- (f) adaptive sharpness
-def _uniform_noise_landed() -> bool:
-    src = inspect.getsource(adaptive_sharpness)
-    return "uniform" in (adaptive_sharpness.__doc__ or "").lower() and "rand" in src
-
-
-@pytest.mark.xfail(not _uniform_noise_landed(), reason="waiting for uniform l-inf average sharpness (H2)",
-                   strict=False)
 def test_average_adaptive_sharpness_linf_uniform_quadratic():
     """L(w) = (1/2n) sum_i (x_i . w - y_i)^2 at y_i = x_i . w; delta_p = rho |w_p| u_p, u_p ~ U(-1, 1):
     E[L(w + delta)] - L(w) = (1/2n) sum_i sum_p x_ip^2 rho^2 w_p^2 E[u^2], E[u^2] = 1/3
