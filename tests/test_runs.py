@@ -309,14 +309,69 @@ def test_batched_and_unbatched_sweeps_give_the_same_rows(tmp_path):
     assert calls == [2, 2]
 
 
+@dataclass(frozen=True)
+class FcnCfg(RunConfig):
+    """A tiny FCN on a fixed 3-bit Boolean task; ``seed`` sets the initialisation and the batch order."""
+
+    VERSION: ClassVar[int] = 1
+    BATCH_FIELDS: ClassVar[tuple[str, ...]] = ("seed",)
+    width: int = param(8, min=1)
+    lr: float = param(0.5, positive=True)
+    batch_size: int = param(4, min=1)
+    max_epochs: int = param(30, min=1)
+    seed: int = param(0, min=0)
+
+
+def _bool_task():
+    from flatness import boolean_inputs
+
+    x = boolean_inputs(3).to(torch.float32)
+    y = (x[:, 0] > x[:, 0].mean()).to(torch.float32)  # the first bit: learnt in a few epochs
+    return x, y
+
+
+def _fcn_one(cfg: FcnCfg) -> list[dict]:
+    from flatness import FCN, train_to_zero_error
+
+    res = train_to_zero_error(FCN((3, cfg.width, 1), seed=cfg.seed), _bool_task(), lr=cfg.lr,
+                              batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, seed=cfg.seed)
+    w = torch.cat([p.detach().flatten() for p in res.model.parameters()])
+    return [{"seed": cfg.seed, "status": res.status, "epochs_to_zero": res.epochs_to_zero if res.epochs_to_zero
+             is not None else -1, "weight_norm": float(w.norm()), "weight_sum": float(w.sum())}]
+
+
+def _fcn_batch(cfgs: list[FcnCfg]) -> list[dict]:
+    from flatness import FCN, train_ensemble_to_zero_error
+
+    c0 = cfgs[0]
+    res = train_ensemble_to_zero_error([FCN((3, c0.width, 1), seed=c.seed) for c in cfgs], _bool_task(), lr=c0.lr,
+                                       batch_size=c0.batch_size, max_epochs=c0.max_epochs,
+                                       seeds=[c.seed for c in cfgs])
+    rows = []
+    for i, c in enumerate(cfgs):
+        w = torch.cat([p.detach().flatten() for p in res.model(i).parameters()])
+        rows.append({"key": config_key(c), "seed": c.seed, "status": res.status[i],
+                     "epochs_to_zero": int(res.epochs_to_zero[i]), "weight_norm": float(w.norm()),
+                     "weight_sum": float(w.sum())})
+    return rows
+
+
 def test_real_stacked_ensemble_batch_matches_serial(tmp_path):
     import inspect
 
-    from flatness import train as train_mod
+    from flatness import train_ensemble_to_zero_error
 
-    if "seeds" not in inspect.signature(train_mod.train_ensemble_to_zero_error).parameters:
-        pytest.skip("train_ensemble_to_zero_error(..., seeds=[...]) has not landed yet")
-    pytest.skip("not wired yet: see the report of helper H6")
+    if "seeds" not in inspect.signature(train_ensemble_to_zero_error).parameters:
+        pytest.skip("train_ensemble_to_zero_error(..., seeds=[...]) has not landed")
+    cfgs = grid(FcnCfg(), seed=range(4))
+    serial = run_sweep(_fcn_one, cfgs, ResultStore("serial", tmp_path), progress=False)
+    batched = run_sweep(_fcn_one, cfgs, ResultStore("batched", tmp_path), batch=_fcn_batch, progress=False)
+    assert (serial["status"] == "converged").any(), serial[["seed", "status", "epochs_to_zero"]]
+    a, b = serial.drop(columns=VOLATILE), batched.drop(columns=VOLATILE)
+    pd.testing.assert_frame_equal(a.drop(columns=["weight_norm", "weight_sum"]),
+                                  b.drop(columns=["weight_norm", "weight_sum"]))
+    np.testing.assert_allclose(b[["weight_norm", "weight_sum"]], a[["weight_norm", "weight_sum"]], rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_executors_give_the_serial_rows(tmp_path):
@@ -400,3 +455,31 @@ def test_trained_saves_once_and_is_readable_from_another_store(tmp_path, monkeyp
     monkeypatch.setattr(TrainCfg, "VERSION", 99)
     trained(first, cfg, train_fn)
     assert len(runs) == 2, "a VERSION bump retrains"
+
+
+def test_measurement_sweep_reuses_trained_weights(tmp_path):
+    """A new box size (zeta) re-measures the saved models without retraining them."""
+    import functools
+
+    trainings: list = []
+
+    def train_fn(cfg: TrainCfg):
+        trainings.append(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+        return {"w": torch.randn(5, generator=g)}
+
+    def measure(cfg: MeasureCfg, store: ResultStore):
+        w = trained(store, cfg.train, train_fn)["w"]
+        return [{"seed": cfg.train.seed, "zeta": cfg.zeta, "sharp": float((cfg.zeta * w).norm())}]
+
+    store = ResultStore("m", tmp_path)
+    fn = functools.partial(measure, store=store)
+    first = run_sweep(fn, grid(MeasureCfg(), zeta=[1e-3], train=[TrainCfg(seed=s) for s in range(3)]), store,
+                      progress=False)
+    assert sorted(trainings) == [0, 1, 2] and len(first) == 3
+    more = run_sweep(fn, grid(MeasureCfg(), zeta=[1e-3, 1e-2], train=[TrainCfg(seed=s) for s in range(3)]), store,
+                     progress=False)
+    assert sorted(trainings) == [0, 1, 2], "the new zeta re-measures, it does not retrain"
+    assert len(more) == 6 and store.artifact_keys() == {config_key(TrainCfg(seed=s)) for s in range(3)}
+    np.testing.assert_allclose(more.loc[more.zeta == 1e-2, "sharp"].to_numpy(),
+                               10 * more.loc[more.zeta == 1e-3, "sharp"].to_numpy(), rtol=1e-5)
