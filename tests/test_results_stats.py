@@ -166,6 +166,28 @@ def test_load_mixes_column_types_and_compact_refuses(tmp_path):
     assert len(_part_names(store)) == 2
 
 
+def test_load_during_a_concurrent_compaction(tmp_path, monkeypatch):
+    import warnings
+
+    store = ResultStore("v", root=tmp_path)
+    for i in range(3):
+        store.append({"loss": float(i)}, config={"i": i})
+    expected = store.load()
+    stale = store._scan()  # a listing taken just before another process compacts
+    store.compact()
+    real, calls = store._scan, []
+
+    def scan(only=None):
+        calls.append(only)
+        return stale if len(calls) == 1 else real(only)
+
+    monkeypatch.setattr(store, "_scan", scan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a vanished part is not "unreadable": no warning, the store lists again
+        pd.testing.assert_frame_equal(store.load(), expected)
+    assert len(calls) == 2
+
+
 def test_store_pickles_by_path(tmp_path):
     import pickle
 

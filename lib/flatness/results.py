@@ -69,6 +69,7 @@ from ._paths import REPO_ROOT
 __all__ = ["ResultStore", "config_key", "environment_info", "results_dir"]
 
 _STAMP = "_store_written_ns"  # hidden column of compacted files: the write time of each row-set
+_VANISHED = object()  # a part removed between listing and reading
 _PART_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{8}|[0-9a-f]{24})(\.error)?\.parquet$")
 _ARTIFACT_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
@@ -241,6 +242,8 @@ class ResultStore:
 
             cols = set(pq.read_schema(path).names)
             df = pq.read_table(path, columns=["key", _STAMP] + (["status"] if "status" in cols else [])).to_pandas()
+        except FileNotFoundError:  # replaced by a newer compaction since the listing
+            return None
         except Exception as exc:  # noqa: BLE001  (any unreadable file: skip it, say which)
             warnings.warn(f"ResultStore {self.name!r}: skipping unreadable compacted file {path} ({exc})",
                           stacklevel=4)
@@ -366,16 +369,29 @@ class ResultStore:
 
         try:
             return pq.read_table(path).replace_schema_metadata(None)
+        except FileNotFoundError:  # compacted away since the listing: the caller lists again
+            return _VANISHED
         except Exception as exc:  # noqa: BLE001  (a truncated or corrupt part must not break the table)
             warnings.warn(f"ResultStore {self.name!r}: skipping unreadable part {path} "
                           f"({type(exc).__name__}: {exc})", stacklevel=4)
             return None
 
     def _load_arrow(self, keys: Iterable[str] | None = None):
-        """Newest row-set per key as arrow tables with the hidden write-time column, in write order."""
+        """Newest row-set per key as arrow tables with the hidden write-time column, in write order.
+
+        A part that vanishes between listing and reading (a concurrent :meth:`compact`) makes it list again.
+        """
+        self.clean_tmp()
+        for _ in range(4):
+            tables = self._load_arrow_once(keys)
+            if tables is not _VANISHED:
+                return tables
+        raise RuntimeError(f"ResultStore.load: parts of {self.name!r} kept vanishing while being read "
+                           "(is compact() running in a loop elsewhere?)")
+
+    def _load_arrow_once(self, keys: Iterable[str] | None):
         import pyarrow as pa
 
-        self.clean_tmp()
         cands = self._candidates()
         if keys is not None:
             wanted = set(keys)
@@ -387,6 +403,8 @@ class ResultStore:
                 if in_compacted:
                     if path not in compacted:
                         whole = self._read(path)
+                        if whole is _VANISHED:
+                            return _VANISHED
                         compacted[path] = None if whole is None else (whole, whole.select(["key", _STAMP])
                                                                       .to_pandas().groupby(["key", _STAMP],
                                                                                            sort=False).indices)
@@ -399,6 +417,8 @@ class ResultStore:
                     t = whole.take(pa.array(rows))
                 else:
                     t = self._read(path)
+                    if t is _VANISHED:
+                        return _VANISHED
                     if t is None:
                         continue
                     t = t.append_column(_STAMP, pa.array([stamp] * t.num_rows, pa.int64()))

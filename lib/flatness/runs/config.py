@@ -62,8 +62,19 @@ def param(default=_MISSING, *, positive: bool = False, min: float | None = None,
 
 
 # ------------------------------------------------------------------------------------------------ types
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved field types of ``cls`` (cached; a name that cannot be resolved counts as ``Any``)."""
+    hit = _HINTS.get(cls)
+    if hit is None:
+        try:
+            hit = typing.get_type_hints(cls)
+        except (NameError, TypeError):  # e.g. a class defined inside a function, annotated with a local name
+            hit = {f.name: (f.type if not isinstance(f.type, str) else Any) for f in dataclasses.fields(cls)}
+        _HINTS[cls] = hit
+    return hit
 
 
 def _is_optional(tp) -> tuple[bool, Any]:
