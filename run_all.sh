@@ -127,14 +127,15 @@ case "$mode" in
   tests)
     echo "== unit tests"
     MPLBACKEND=Agg "$VENV/bin/python" -m pytest tests/ -q
+    # Smoke notebooks train tiny models: one thread each (on 2 busy cores, thread spinning costs ~10x).
     echo "== notebooks under nbval at the smoke profile"
-    FLATNESS_PROFILE=smoke "$VENV/bin/python" -m pytest --nbval-lax -q -p no:cacheprovider \
+    OMP_NUM_THREADS=1 FLATNESS_PROFILE=smoke "$VENV/bin/python" -m pytest --nbval-lax -q -p no:cacheprovider \
       --ignore=notebooks/executed "${notebooks[@]}"
     echo "== notebooks executed with papermill at the smoke profile (into a temporary folder), then checked"
     executed="$(mktemp -d "${TMPDIR:-/tmp}/flatness-executed.XXXXXX")"
     trap 'rm -rf "$executed"' EXIT
     for nb in "${notebooks[@]}"; do
-      FLATNESS_PROFILE=smoke execute "$nb" "$executed" smoke --log-level WARNING --no-progress-bar
+      OMP_NUM_THREADS=1 FLATNESS_PROFILE=smoke execute "$nb" "$executed" smoke --log-level WARNING --no-progress-bar
     done
     check_executed "$executed"
     echo "== benchmarks at --quick sizes (they must run; their ratios are printed, not asserted)"
