@@ -183,51 +183,42 @@ class EntropySGD(torch.optim.Optimizer):
             raise RuntimeError("EntropySGD.step: a closure is required (Entropy-SGD re-evaluates the loss L times "
                                "per step): call opt.step(closure) with a closure that zeroes the gradients, runs "
                                "forward and backward on a mini-batch and returns the loss")
-        first_loss = None
-        for group in self.param_groups:
-            params = group["params"]
-            for p in params:
+        groups = [g for g in self.param_groups if g["params"]]
+        for group in groups:  # x, mu <- current weights; during the SGLD loop the parameters hold x'
+            for p in group["params"]:
                 st = self.state[p]
                 if not st:
                     st["step"] = 0
-                    st["x"] = p.detach().clone()
-                    st["x_prime"] = p.detach().clone()
-                    st["mu"] = p.detach().clone()
+                    st["x"], st["x_prime"], st["mu"] = p.detach().clone(), p.detach().clone(), p.detach().clone()
                 else:
                     st["x"].copy_(p)
-                    st["x_prime"].copy_(p)
                     st["mu"].copy_(p)
-        # gamma_t per group from its outer-step count
-        gammas = []
-        for group in self.param_groups:
-            t = self.state[group["params"][0]]["step"] if group["params"] else 0
-            gammas.append(group["gamma"] * (1.0 + group["scoping"]) ** t)
-        n_inner = max(group["L"] for group in self.param_groups)
-        for ell in range(n_inner):
+        gammas = [g["gamma"] * (1.0 + g["scoping"]) ** self.state[g["params"][0]]["step"] for g in groups]
+        first_loss = None
+        for ell in range(max((g["L"] for g in groups), default=0)):
             with torch.enable_grad():
                 loss = closure()
             if ell == 0:
                 first_loss = loss
-            for group, gamma_t in zip(self.param_groups, gammas):
+            for group, gamma_t in zip(groups, gammas):
                 if ell >= group["L"]:
                     continue
                 eta, eps, alpha = group["sgld_lr"], group["noise"], group["alpha"]
-                for p in group["params"]:
-                    st = self.state[p]
-                    xp, x, mu = st["x_prime"], st["x"], st["mu"]
-                    dx = x.sub(xp).mul_(-gamma_t)  # -gamma_t (x - x')
-                    if p.grad is not None:
-                        dx.add_(p.grad)
-                    xp.add_(dx, alpha=-eta)
-                    if eps > 0:
-                        xp.add_(self._randn_like(p), alpha=math.sqrt(eta) * eps)
-                    mu.mul_(1.0 - alpha).add_(xp, alpha=alpha)
-                    p.copy_(xp)
-        for group in self.param_groups:
+                ps = group["params"]
+                xs = [self.state[p]["x"] for p in ps]
+                mus = [self.state[p]["mu"] for p in ps]
+                dx = torch._foreach_sub(ps, xs)  # x' - x: the scope's force -gamma_t (x - x') / gamma_t
+                torch._foreach_mul_(dx, gamma_t)
+                torch._foreach_add_(dx, [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps])
+                torch._foreach_add_(ps, dx, alpha=-eta)  # x' <- x' - eta' (grad f(x') - gamma_t (x - x'))
+                if eps > 0:
+                    torch._foreach_add_(ps, [self._randn_like(p) for p in ps], alpha=math.sqrt(eta) * eps)
+                torch._foreach_lerp_(mus, list(ps), alpha)  # mu <- (1 - alpha) mu + alpha x'
+        for group in groups:
             for p in group["params"]:
                 st = self.state[p]
-                x, mu = st["x"], st["mu"]
-                p.copy_(x.sub(x.sub(mu), alpha=group["lr"]))  # x - eta (x - mu)
+                st["x_prime"].copy_(p)
+                p.copy_(st["x"].sub(st["x"].sub(st["mu"]), alpha=group["lr"]))  # x - eta (x - mu)
                 st["step"] += 1
         return first_loss
 
