@@ -11,6 +11,8 @@ from flatness.data import BinaryTask, Split
 from flatness.losses import half_mse
 from flatness.train import make_optimizer, train_ensemble_to_zero_error, train_to_zero_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_fcn_init_statistics():
     m = FCN((500, 400, 1), sigma_w=1.7, sigma_b=0.3, seed=0)

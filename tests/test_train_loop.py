@@ -1,13 +1,11 @@
 """The single-model loop: divergence (issue 7), callbacks (on_step/on_epoch, Track, AlphaRescaleAt, Checkpoint with
 a SIGKILL-and-resume run) and the optimizer-step closure."""
 
-import inspect
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pandas as pd
 import pytest
@@ -16,6 +14,7 @@ import torch
 from flatness import FCN
 from flatness.data import BinaryTask, Split
 from flatness.losses import sigmoid_bce
+from flatness.results import ResultStore
 from flatness.train import (AlphaRescaleAt, Callback, Checkpoint, Track, divergence_threshold,
                             train_to_zero_error)
 
@@ -300,7 +299,7 @@ def test_checkpoint_resume_in_process_is_bit_identical(tmp_path, name):
     kw = dict(optimizer=name, lr=0.05, batch_size=10, max_epochs=12, seed=2)
     full = train_to_zero_error(FCN((5, 16, 1), seed=0), task, callbacks=[Track({"tr": lambda m, d: 1.0}, 5,
                                                                                 on="step")], **kw)
-    store = FakeStore(tmp_path)
+    store = FakeStore(tmp_path) if name == "sgd" else ResultStore("runs", root=tmp_path)  # the protocol, the store
     with pytest.raises(_Interrupt):
         train_to_zero_error(FCN((5, 16, 1), seed=0), task, callbacks=[
             _Crash(8), Checkpoint(store, "run", every=3), Track({"tr": lambda m, d: 1.0}, 5, on="step")], **kw)
@@ -325,9 +324,8 @@ import sys, time, torch
 torch.set_num_threads(1)
 from flatness import FCN
 from flatness.data import binary_task
+from flatness.results import ResultStore
 from flatness.train import Callback, Checkpoint, train_to_zero_error
-
-{store}
 
 class Say(Callback):
     def on_epoch(self, state):
@@ -341,8 +339,8 @@ def run(store, callbacks=()):
                                callbacks=[*callbacks, Checkpoint(store, "run", every=4)])
 
 if __name__ == "__main__":
-    r = run(FakeStore(sys.argv[1]), [Say()])
-    torch.save({{"params": list(r.model.parameters()), "history": r.history, "status": r.status}}, sys.argv[2])
+    r = run(ResultStore("ckpt", root=sys.argv[1]), [Say()])
+    torch.save({"params": list(r.model.parameters()), "history": r.history, "status": r.status}, sys.argv[2])
     print("done", flush=True)
 """
 
@@ -350,7 +348,7 @@ if __name__ == "__main__":
 def test_sigkill_mid_training_resumes_bit_identically(tmp_path):
     """A run killed with SIGKILL after a checkpoint resumes from it and ends exactly as an uninterrupted run."""
     script = tmp_path / "job.py"
-    script.write_text(_SCRIPT.format(store=textwrap.dedent(inspect.getsource(FakeStore))))
+    script.write_text(_SCRIPT)
     store_dir, out = tmp_path / "store", tmp_path / "out.pt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), str(store_dir), str(out), "0.05"], stdout=subprocess.PIPE,
@@ -365,7 +363,7 @@ def test_sigkill_mid_training_resumes_bit_identically(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL and not out.exists()
-    store = FakeStore(store_dir)
+    store = ResultStore("ckpt", root=store_dir)
     killed_at = store.load_artifact("run")["epoch"]
     assert killed_at in (8, 12) and store.load_artifact("run")["status"] is None
 
@@ -378,8 +376,23 @@ def test_sigkill_mid_training_resumes_bit_identically(tmp_path):
 
     ns = {"__name__": "job"}
     exec(compile(script.read_text(), str(script), "exec"), ns)
-    ref = ns["run"](ns["FakeStore"](tmp_path / "fresh"))
+    ref = ns["run"](ResultStore("ckpt", root=tmp_path / "fresh"))
     assert got["status"] == ref.status and len(ref.history) > killed_at + 1
     pd.testing.assert_frame_equal(got["history"], ref.history, check_exact=True)
     for p, q in zip(got["params"], ref.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_entropy_sgd_trains_through_the_closure():
+    """Entropy-SGD (flatness.train.optim) needs step(closure): L inner evaluations per outer step."""
+    calls = []
+
+    class Count(Callback):
+        def on_step(self, state):
+            calls.append(state.step)
+
+    task = _toy_task()
+    r = train_to_zero_error(FCN((5, 16, 1), seed=0), task, optimizer="entropy_sgd", batch_size=16, max_epochs=3,
+                            optimizer_kwargs={"L": 3}, callbacks=[Count()])
+    assert r.status in ("converged", "max_epochs") and len(calls) == r.history["step"].iloc[-1] > 0
+    assert not torch.equal(r.model[1].weight, FCN((5, 16, 1), seed=0)[1].weight)

@@ -24,7 +24,6 @@ epoch, Zhang et al. 2021 Appendix F) and :class:`Checkpoint` (save and resume th
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -229,20 +228,10 @@ class AlphaRescaleAt(Callback):
 
 
 def _alpha_rescale_inplace(model: nn.Module, layer: int, alpha: float) -> None:
-    """In-place alpha-rescaling through :func:`flatness.models.alpha_rescale` when it supports ``inplace``,
-    else through :func:`flatness.models.parametrized_layers` directly (same arithmetic)."""
-    from .. import models
+    """In-place alpha-rescaling of a single model (:func:`flatness.models.alpha_rescale` with ``inplace=True``)."""
+    from ..models import alpha_rescale
 
-    if "inplace" in inspect.signature(models.alpha_rescale).parameters:
-        models.alpha_rescale(model, layer, alpha, inplace=True)
-        return
-    layers = models.parametrized_layers(model)
-    check_int("AlphaRescaleAt", "layer", layer, minimum=0, maximum=len(layers) - 2)
-    with torch.no_grad():
-        layers[layer].weight.mul_(alpha)
-        if layers[layer].bias is not None:
-            layers[layer].bias.mul_(alpha)
-        layers[layer + 1].weight.div_(alpha)
+    alpha_rescale(model, layer, alpha, inplace=True)
 
 
 # ----------------------------------------------------------------------------------------------- Checkpoint

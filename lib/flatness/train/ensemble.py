@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -121,7 +122,7 @@ class EnsembleState:
     _in_epoch: bool = False
 
     def add_epoch_values(self, values) -> None:
-        pos = {int(m): j for j, m in enumerate(self.record.get("model", []))}
+        pos = {int(m): j for j, m in enumerate(self.record.get("model", []))}  # record values are lists here
         for i, v in values:
             if i not in pos:
                 continue
@@ -174,29 +175,45 @@ class EnsembleState:
         _set_rng_states(ckpt["rng"])
         self.epoch, self.step, self.phase = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["phase"]
         self.history[:] = ckpt["history"]
+        for rec in self.history:
+            _compact(rec)  # a checkpoint saved inside on_epoch holds that epoch's values as lists
         self.tracks[:] = ckpt["tracks"]
         self.stop, self.finished = bool(ckpt["stop"]), bool(ckpt["finished"])
         self.record = self.history[-1] if self.history else {}
 
 
+def _compact(rec: dict) -> None:
+    """Store an epoch record's per-model lists as numpy arrays (8 bytes a value instead of a Python float)."""
+    for k, v in rec.items():
+        if isinstance(v, list):
+            arr = np.asarray(v)
+            if arr.dtype != object:
+                rec[k] = arr
+
+
 def _history_frame(records: list[dict]) -> pd.DataFrame:
-    cols: dict[str, list] = {}
-    total = 0
+    """One row per (epoch, model) from the per-epoch records (columns missing in an epoch are NaN)."""
+    keys = list(dict.fromkeys(k for rec in records for k in rec))
+    cols: dict[str, list] = {k: [] for k in keys}
     for rec in records:
         m = len(rec["model"])
-        for k in rec:
-            if k not in cols:
-                cols[k] = [math.nan] * total
-        for k, col in cols.items():
+        for k in keys:
             v = rec.get(k)
             if k == "epoch":
-                col.extend([v] * m)
+                cols[k].append(np.full(m, v, dtype=np.int64))
             elif v is None:
-                col.extend([math.nan] * m)
+                cols[k].append(np.full(m, np.nan))
             else:
-                col.extend(v)
-        total += m
-    return pd.DataFrame(cols)
+                cols[k].append(np.asarray(v) if isinstance(v, list) else v)
+    out = {}
+    for k, parts in cols.items():
+        if not parts:
+            continue
+        kinds = {p.dtype.kind for p in parts}
+        if len(kinds) > 1 and not kinds <= {"i", "u", "f"}:
+            parts = [p.astype(object) for p in parts]
+        out[k] = np.concatenate(parts)
+    return pd.DataFrame(out)
 
 
 def _parse_data(fn: str, data, M: int):
@@ -323,21 +340,33 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float | 
         return fit_y[rows] if per_model else fit_y.expand(len(rows), n)
 
     @torch.no_grad()
+    def loss_and_error(p: dict, x: Tensor, yy: Tensor, shared: bool, chunk: int = 4096) -> tuple[list, list]:
+        """Mean loss and error of each model on ``(x, yy)`` (``yy`` ``(N,)`` if ``shared`` else ``(m, N)``),
+        accumulated over chunks of examples exactly as the single-model loop does."""
+        m = len(next(iter(p.values())))
+        tot_loss = torch.zeros(m, dtype=torch.float64, device=x.device)
+        tot_err = torch.zeros(m, dtype=torch.float64, device=x.device)
+        dims = (0, None) if shared else (0, 0)
+        for i in range(0, len(x), chunk):
+            out = predict_all(p, x[i:i + chunk])  # (m, c, K)
+            yc = yy[i:i + chunk] if shared else yy[:, i:i + chunk]
+            c = out.shape[1]
+            tot_loss += vmap(loss_fn, in_dims=dims)(out, yc).double() * c
+            tot_err += vmap(zero_one_error, in_dims=dims)(out, yc).double() * c
+        return (tot_loss / len(x)).tolist(), (tot_err / len(x)).tolist()
+
     def evaluate(rows: Tensor, epoch: int) -> dict:
         """History record of the given models: loss on S ∪ A, error on S (and A, T for tasks)."""
         p = {k: v[rows] for k, v in state.params.items()}
-        out = predict_all(p, fit_x)  # (m, N, K)
-        yy = labels(rows)
-        loss = vmap(loss_fn)(out, yy)
-        rec = {"epoch": epoch, "model": rows.tolist(), "loss": loss.tolist(),
-               "train_error": vmap(zero_one_error)(out[:, :n_s], yy[:, :n_s]).tolist()}
-        if splits["attack"] is not None:
-            rec["attack_error"] = vmap(zero_one_error)(out[:, n_s:], yy[:, n_s:]).tolist()
+        shared = not per_model
+        yy = fit_y if shared else fit_y[rows]
+        loss, err = loss_and_error(p, fit_x, yy, shared)
+        rec = {"epoch": epoch, "model": rows.tolist(), "loss": loss, "train_error": err}
+        if splits["attack"] is not None:  # then the labels are shared
+            rec["train_error"] = loss_and_error(p, *splits["train"], True)[1]
+            rec["attack_error"] = loss_and_error(p, *splits["attack"], True)[1]
         if splits["test"] is not None:
-            tx, ty = splits["test"]
-            to = predict_all(p, tx)
-            rec["test_error"] = vmap(zero_one_error, in_dims=(0, None))(to, ty).tolist()
-            rec["test_loss"] = vmap(loss_fn, in_dims=(0, None))(to, ty).tolist()
+            rec["test_loss"], rec["test_error"] = loss_and_error(p, *splits["test"], True)
         rec["step"] = [state.step] * len(rows)
         return rec
 
@@ -377,6 +406,7 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float | 
         state.record = rec
         conclude(rec, set())
         epoch_callbacks()
+        _compact(rec)
     bar = None
     if progress and not state.finished:
         from tqdm.auto import tqdm
@@ -430,6 +460,7 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float | 
         state.record = rec
         conclude(rec, bad_step)
         epoch_callbacks()
+        _compact(rec)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(active=int(state.active.sum()), refresh=False)

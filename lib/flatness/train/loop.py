@@ -223,7 +223,8 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     fit_x = train[0] if attack is None else torch.cat([train[0], attack[0]])
     fit_y = train[1] if attack is None else torch.cat([train[1], attack[1]])
     n = len(fit_x)
-    bs = n if (batch_size is None or optimizer == "gd") else min(batch_size, n)
+    full_batch = isinstance(optimizer, str) and getattr(OPTIMIZERS[optimizer], "full_batch", optimizer == "gd")
+    bs = n if (batch_size is None or full_batch) else min(batch_size, n)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, **(optimizer_kwargs or {}))
     gen = torch.Generator().manual_seed(int(seed))
     config = {"optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
@@ -236,8 +237,11 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
 
     def record(epoch: int, phase: str) -> dict:
         with eval_mode(model):
-            loss, _ = _evaluate(model, loss_fn, (fit_x, fit_y))
-            _, tr_err = _evaluate(model, loss_fn, train)
+            if attack is None:  # S ∪ A = S: one pass
+                loss, tr_err = _evaluate(model, loss_fn, train)
+            else:
+                loss, _ = _evaluate(model, loss_fn, (fit_x, fit_y))
+                _, tr_err = _evaluate(model, loss_fn, train)
             _, at_err = _evaluate(model, loss_fn, attack)
             te_loss, te_err = _evaluate(model, loss_fn, test)
         row = {"epoch": epoch, "phase": phase, "loss": loss, "train_error": tr_err, "attack_error": at_err,
