@@ -63,7 +63,8 @@ class CifarResNet(nn.Module):
     1x1 projection shortcut), global average pooling and ``Linear(4 width, num_classes)``. Sizes for one
     output: ``depth=8, width=16`` 77,457 parameters; ``depth=20, width=16`` 271,889 (He et al.'s ResNet-20
     uses parameter-free option-A shortcuts, 0.27M); ``depth=8, width=8`` 19,657 (``build("resnet_small")``:
-    a forward + backward pass on 128 32x32 images takes about 0.2-0.4 s on 2 CPU cores).
+    3.2M multiply-accumulates per 32x32 image, against 12.5M at width 16 and 40.8M for ResNet-20; a forward +
+    backward pass on 128 images took 0.40 s on 2 CPU cores at load 2.4).
 
     Initialisation as :func:`resnet50_cifar` (Zhang et al.): Kaiming-normal conv/linear weights, biases
     :math:`N(0, \sigma_b^2)`; batch-norm scales 1 and shifts 0.
