@@ -102,7 +102,7 @@ def _key_payload(obj):
             out["__version__"] = version
         return out
     if isinstance(obj, dict):
-        return {str(k): _key_payload(v) for k, v in obj.items()}
+        return {k: _key_payload(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_key_payload(v) for v in obj]
     return obj
@@ -456,17 +456,17 @@ class ResultStore:
         """Merge the newest row-set of every key into one ``_compacted-<id>.parquet`` and delete the merged parts.
 
         ``keys()``, ``has()`` and ``load()`` give the same answers before and after. Unreadable parts are left
-        in place (and still skipped with a warning). Safe against a concurrent writer: a part written while
-        compacting is not deleted, and is newer than the compacted copy of its key.
+        in place (and still skipped with a warning). Safe against concurrent writers and readers: a part written
+        while compacting is not deleted (and is newer than the compacted copy of its key), and a reader whose
+        listing went stale lists again. Run it from one process at a time (e.g. after a sweep).
 
         Returns:
             The compacted file, or ``None`` when the store is empty.
         """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parts, compacted = self._scan()
-        import pyarrow as pa
-
+        parts, compacted = self._scan()  # only what is listed now is deleted below: later parts stay
         tables = self._load_arrow()
         if not tables:
             return None
