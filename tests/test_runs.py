@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
@@ -250,6 +251,19 @@ def test_error_becomes_a_row_and_is_retried(tmp_path):
     assert sorted(good.calls) == [1, 1], "only the failed runs are retried"
     assert (fixed["status"] == "ok").all() and len(fixed) == 4, "the error rows are replaced, not kept beside"
     _same(fixed, run_sweep(demo_train, cfgs, ResultStore("fresh", tmp_path), progress=False))
+
+
+def test_a_corrupt_part_is_rerun(tmp_path):
+    store = ResultStore("s", tmp_path)
+    cfgs = _demo_cfgs(2)
+    full = run_sweep(demo_train, cfgs, store, progress=False)
+    victim = next(store.path.glob(f"{config_key(cfgs[2])}-*.parquet"))
+    victim.write_bytes(b"truncated by a full disk")
+    fn = _Counting()
+    with pytest.warns(UserWarning, match=re.escape(victim.name)):
+        again = run_sweep(fn, cfgs, store, progress=False)
+    assert fn.calls == [cfgs[2].seed], "only the run whose part cannot be read runs again"
+    _same(again, full)
 
 
 def test_bad_returns_and_arguments(tmp_path):

@@ -46,7 +46,7 @@ def param(default=_MISSING, *, positive: bool = False, min: float | None = None,
         min: the value must be >= ``min``.
         max: the value must be <= ``max``.
         choices: the value must be one of these.
-        doc: a short description (shown in validation errors' context and by ``describe()``).
+        doc: a short description of the field (kept in the field's metadata).
         default_factory: as in :func:`dataclasses.field`.
 
     For ``Optional`` fields the checks apply to non-``None`` values; for tuple fields, to every element.
