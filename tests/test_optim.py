@@ -1,5 +1,6 @@
 """Optimizer registry, Entropy-SGD and the functional (stacked-ensemble) optimizers (``flatness.train.optim``)."""
 
+import copy
 import math
 
 import pytest
@@ -160,6 +161,28 @@ def test_entropy_sgd_noise_is_seeded():
 
     torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
     assert not torch.equal(run(1), run(2))
+
+
+def test_entropy_sgd_state_dict_resumes_identically():
+    def make():
+        w = torch.nn.Parameter(torch.zeros(4))
+        return w, EntropySGD([w], L=3, noise=0.1, scoping=0.1, generator=torch.Generator().manual_seed(3))
+
+    w, opt = make()
+    closure = _quadratic_closure(opt, w, torch.ones(4))
+    opt.step(closure)
+    sd, w_mid = copy.deepcopy(opt.state_dict()), w.detach().clone()  # as a checkpoint on disk would be
+    opt.step(closure)
+    opt.step(closure)
+    w2, opt2 = make()
+    with torch.no_grad():
+        w2.copy_(w_mid)
+    opt2.load_state_dict(sd)
+    closure2 = _quadratic_closure(opt2, w2, torch.ones(4))
+    opt2.step(closure2)
+    opt2.step(closure2)
+    assert torch.equal(w2.detach(), w.detach())
+    assert opt2.state[w2]["step"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

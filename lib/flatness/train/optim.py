@@ -118,7 +118,9 @@ class EntropySGD(torch.optim.Optimizer):
         generator: ``torch.Generator`` for the SGLD noise (default: torch's global generator); on another device
             than the parameters the noise is drawn there and moved.
 
-    State per parameter: ``x`` (the outer iterate during a step), ``x_prime``, ``mu``, ``step`` (outer steps done).
+    State per parameter: ``x`` (the outer iterate during a step), ``x_prime``, ``mu``, ``step`` (outer steps done);
+    :meth:`state_dict` also holds ``generator``'s state, so a checkpoint resumes the same noise. After a step,
+    ``.grad`` holds the gradient at the last SGLD iterate :math:`x'`, not at the new weights.
 
     Raises:
         ValueError: a hyper-parameter outside its range (named in the message).
@@ -158,6 +160,21 @@ class EntropySGD(torch.optim.Optimizer):
                     scoping=check_positive(fn, "scoping", hp["scoping"], allow_zero=True),
                     noise=check_positive(fn, "noise", hp["noise"], allow_zero=True),
                     alpha=_check_unit(fn, "alpha", hp["alpha"], low_open=True, high_closed=True))
+
+    def state_dict(self) -> dict:
+        """The usual optimizer state, plus the noise generator's state when one was given."""
+        sd = super().state_dict()
+        if self.generator is not None:
+            sd["generator_state"] = self.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` (including the noise generator's state when both have one)."""
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if gen_state is not None and self.generator is not None:
+            self.generator.set_state(gen_state)
 
     def _randn_like(self, p: Tensor) -> Tensor:
         gen = self.generator
@@ -463,9 +480,10 @@ class FunctionalOptimizer:
         else:  # adam, as torch's single-tensor Adam: per-model bias corrections in float64, then cast
             b1, b2 = self.hparams["betas"]
             eps = self.hparams["eps"]
-            t = step.to(torch.float64).clamp(min=1.0)
-            bc1 = 1.0 - torch.pow(torch.tensor(b1, dtype=torch.float64, device=dev), t)
-            bc2_sqrt = (1.0 - torch.pow(torch.tensor(b2, dtype=torch.float64, device=dev), t)).sqrt()
+            wide = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+            t = step.to(wide).clamp(min=1.0)
+            bc1 = 1.0 - torch.pow(torch.tensor(b1, dtype=wide, device=dev), t)
+            bc2_sqrt = (1.0 - torch.pow(torch.tensor(b2, dtype=wide, device=dev), t)).sqrt()
             step_size = lr / bc1
             ea, eas = {}, {}
             for k, p in params.items():
