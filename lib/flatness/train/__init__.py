@@ -18,7 +18,8 @@ from .optim import (OPTIMIZERS, EntropySGD, FunctionalOptimizer, OptimizerSpec, 
                     list_optimizers, make_optimizer, optimizer_defaults, optimizer_table)
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "OptimizerSpec", "list_optimizers", "optimizer_defaults",
-           "optimizer_table", "EntropySGD", "FunctionalOptimizer", "functional_optimizer", "TrainState", "TrainResult", "train_to_zero_error",
+           "optimizer_table", "EntropySGD", "FunctionalOptimizer", "functional_optimizer",
+           "TrainState", "TrainResult", "train_to_zero_error",
            "DIVERGENCE_FACTOR", "divergence_threshold",
            "EnsembleResult", "EnsembleState", "train_ensemble_to_zero_error",
            "Callback", "Track", "AlphaRescaleAt", "Checkpoint"]
