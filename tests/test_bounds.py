@@ -184,3 +184,175 @@ def test_bad_input():
     pre = nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(4, 2)).double()
     with pytest.raises(ValueError, match="does not receive the raw input"):
         mls_bound_chain(pre, x)
+
+
+# ------------------------------------------------------------------ conventions (issue 7), hand-computed
+def two_layer_linear() -> nn.Module:
+    """f(x) = w2 W1 x with W1 = diag(3, 1), w2 = (1, 2): ||W1||_2 = 3, ||w2||_2 = sqrt(5), J = (3, 2)."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        model[1].weight.copy_(torch.tensor([[1.0, 2.0]]))
+    return model
+
+
+def test_g5_weight_norm_all_layers_by_hand(one_thread):
+    model, x = two_layer_linear(), torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    # grad_W1 f = w2^T x^T: ||.||_F = sqrt(5) ||x||; grad_w2 f = (W1 x)^T; ||x|| = 1, 2; W1 x = (3, 0), (0, 2)
+    tr = (5 * 1 + 9 + 5 * 4 + 4) / 2  # mean_i ||grad_theta f(x_i)||^2 = 19
+    inv_x = math.sqrt((1 + 1 / 4) / 2)
+    partial = math.sqrt((5 * 1 + 5 * 4) / 2)
+    for wn, omega in (("first", 3.0), ("all_layers", math.sqrt(9 + 5))):
+        c = mls_bound_chain(model, x, weight_norm=wn)
+        assert c.weight_norm == wn and c.weight_factor == pytest.approx(omega, rel=1e-12)
+        assert c.A == pytest.approx(math.sqrt(13), rel=1e-12) and c.w_spectral_norm == pytest.approx(3.0)
+        assert c.B == pytest.approx(omega * math.sqrt(5), rel=1e-12)
+        assert c.C == pytest.approx(omega * inv_x * partial, rel=1e-12)
+        assert c.D == pytest.approx(omega * inv_x * math.sqrt(tr), rel=1e-12)
+        assert c.trace_hessian == pytest.approx(tr, rel=1e-12)
+    with pytest.raises(ValueError, match="mls_bound_chain: unknown weight_norm='last'"):
+        mls_bound_chain(model, x, weight_norm="last")
+
+
+def test_lvr_top_k_diagonal_map_by_hand(one_thread):
+    lin = nn.Linear(3, 3, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([4.0, 2.0, 1.0])))
+    x = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # unit norms
+    lv = lvr_bound(lin, x, top_k=2)
+    # lambda = 16, 4, 1; ||grad_W f||^2 = k ||x||^2 = 3; Tr H = 3; ||W||_2 = 4
+    assert lv.r == 2 and lv.top_k == 2
+    assert lv.log_lhs == pytest.approx(math.log(8.0), rel=1e-12)  # log(4 * 2)
+    assert lv.log_amgm_top == pytest.approx(math.log(10.0), rel=1e-12)  # (2/2) log((16 + 4) / 2)
+    assert lv.log_amgm == pytest.approx(math.log(10.5), rel=1e-12)  # log(21 / 2)
+    assert lv.log_partial == pytest.approx(math.log(24.0), rel=1e-12)  # log(16 * 3 / 2)
+    assert lv.log_partial_mean == pytest.approx(math.log(24.0), rel=1e-12)
+    assert lv.log_rhs == pytest.approx(math.log(24.0), rel=1e-12)
+    full = lvr_bound(lin, x)
+    assert full.r == 3 and full.log_lhs == pytest.approx(math.log(8.0), rel=1e-12)
+    assert full.log_amgm_top == pytest.approx(full.log_amgm, rel=1e-12) == 1.5 * math.log(7.0)
+    with pytest.raises(ValueError, match="lvr_bound: top_k=4 exceeds the maximum 3"):
+        lvr_bound(lin, x, top_k=4)
+
+
+class ViewCNN(nn.Module):
+    """The authors' pattern: conv features, ``x.view(x.size(0), -1)``, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 3, 3, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(3, 4, 3, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
+
+
+def test_nmls_authors_variant_cnn_by_formula(one_thread):
+    torch.manual_seed(40)
+    model = ViewCNN().double()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    tr = dense_trace_hessian(model, x)
+    nb = nmls_bound(model, x, variant="authors")
+    assert nb.variant == "authors" and not nb.rigorous and nb.layers == ["features.0", "features.3", "classifier.0",
+                                                                          "classifier.2"]
+    assert nb.trace_hessian == pytest.approx(tr, rel=1e-9)
+    # their c_l: ||W||_F^2 * H_out W_out (conv: 6x6, 5x5 outputs), ||W||_F^2 for Linear layers
+    mods = [model.features[0], model.features[3], model.classifier[0], model.classifier[2]]
+    want_c = [float(m.weight.detach().pow(2).sum()) * p for m, p in zip(mods, (36, 25, 1, 1))]
+    torch.testing.assert_close(nb.coef_authors, torch.tensor(want_c, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(nb.coef, nb.coef_authors, rtol=0, atol=0)
+    hs = []
+    with torch.no_grad():
+        h0 = x
+        h1 = model.features[:3](h0)
+        h2 = model.features(h0).view(3, -1)
+        h3 = model.classifier[:2](h2)
+    hs = torch.stack([h.reshape(3, -1).norm(dim=1) for h in (h0, h1, h2, h3)], 1)
+    torch.testing.assert_close(nb.h_norm, hs, rtol=1e-12, atol=0)
+    harm = (torch.tensor(want_c, dtype=torch.float64) / (hs**2 + 1e-4)).sum(1).mean()
+    assert nb.rhs == pytest.approx(math.sqrt(tr) * math.sqrt(float(harm)), rel=1e-9)
+    assert nb.authors_rhs == nb.rhs
+    # per-layer gradient norms: conv terms (direct and ghost-norm paths) vs one-output-at-a-time autograd
+    for li, m in enumerate(mods):
+        torch.testing.assert_close(nb.grad_w_norm[:, li], per_example_weight_grad_norm(model, m.weight, x),
+                                   rtol=1e-9, atol=1e-12)
+    ours = nmls_bound(model, x, trace_hessian=tr)
+    assert ours.variant == "ours" and not ours.rigorous and ours.ours_rhs == ours.rhs
+    assert ours.authors_rhs == pytest.approx(nb.rhs, rel=1e-12)
+    assert float(ours.coef[2]) == pytest.approx(float(torch.linalg.matrix_norm(mods[2].weight.detach(), 2)) ** 2)
+    with pytest.raises(ValueError, match="nmls_bound: unknown variant='theirs'"):
+        nmls_bound(model, x, variant="theirs")
+
+
+def test_nmls_authors_variant_fnn_spectral_plus_eps(one_thread):
+    model, x = FCN((4, 6, 5, 2), seed=41).double(), torch.randn(3, 4, dtype=torch.float64)
+    nb = nmls_bound(model, x, variant="authors")
+    torch.testing.assert_close(nb.coef_authors, nb.coef_ours, rtol=0, atol=0)  # no conv: ||W_l||_2^2 (their FNN)
+    harm = (nb.coef_ours / (nb.h_norm**2 + 1e-4)).sum(1).mean()
+    assert nb.rhs == pytest.approx(math.sqrt(nb.trace_hessian * float(harm)), rel=1e-12)
+    assert nb.rhs < nb.ours_rhs and nb.ours_rhs == pytest.approx(nmls_bound(model, x).rhs, rel=1e-12)
+
+
+def shared_layers_model() -> nn.Module:
+    """Conv1d (groups=2, stride 2, dilation 2), a token-wise Linear on (N, T, F), then a readout."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2)
+            self.tok = nn.Linear(6, 5)
+            self.out = nn.Linear(15, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x))  # (N, 6, 3)
+            return self.out(torch.tanh(self.tok(h.transpose(1, 2))).flatten(1))
+
+    torch.manual_seed(42)
+    return M().double()
+
+
+def test_shared_layer_gradient_norms_and_trace(one_thread):
+    model, x = shared_layers_model(), torch.randn(3, 4, 8, dtype=torch.float64)
+    nb = nmls_bound(model, x)
+    for li, m in enumerate((model.conv, model.tok, model.out)):
+        torch.testing.assert_close(nb.grad_w_norm[:, li], per_example_weight_grad_norm(model, m.weight, x),
+                                   rtol=1e-9, atol=1e-12)
+    assert nb.trace_hessian == pytest.approx(dense_trace_hessian(model, x), rel=1e-9)
+
+
+def test_view_cnn_and_non_finite_and_skip(one_thread):
+    torch.manual_seed(43)
+    nb = nmls_bound(ViewCNN(), torch.rand(2, 2, 4, 4))  # float32, x.view in forward
+    assert math.isfinite(nb.rhs) and nb.sigma.shape == (2, 4)
+    model, x = FCN((4, 6, 2), seed=44).double(), torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+    for f in (mls_bound_chain, lvr_bound, nmls_bound):
+        with pytest.raises(ValueError, match=f"{f.__name__}: model parameter '1.bias' holds 1 non-finite"):
+            f(model, x)
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.skip = nn.Linear(4, 5), nn.Linear(5, 2), nn.Linear(4, 2)
+
+        def forward(self, z):
+            return self.fc2(torch.tanh(self.fc1(z))) + self.skip(z)
+
+    with pytest.raises(ValueError, match="mls_bound_chain: x reaches the output other than through the first layer"):
+        mls_bound_chain(Skip().double(), x)
+    with pytest.raises(ValueError, match=r"lvr_bound: x has shape \(3, 5\)"):
+        lvr_bound(FCN((4, 6, 2), seed=44).double(), torch.randn(3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_options_keep_the_chains(seed, one_thread):
+    model, x = random_case(seed)
+    tr = dense_trace_hessian(model, x)
+    c = mls_bound_chain(model, x, trace_hessian=tr, weight_norm="all_layers")
+    assert leq(c.A, c.A_fro) and leq(c.A_fro, c.B) and leq(c.B, c.C) and leq(c.C, c.D), c.as_dict()
+    lv = lvr_bound(model, x, trace_hessian=tr, top_k=1)
+    terms = [lv.log_lhs, lv.log_amgm_top, lv.log_amgm, lv.log_partial, lv.log_partial_mean, lv.log_rhs]
+    assert lv.r == 1 and all(leq(a, b) for a, b in zip(terms, terms[1:])), lv.as_dict()

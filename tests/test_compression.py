@@ -309,3 +309,108 @@ def test_bad_input():
     shared = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="called more than once"):
         network_mls(nn.Sequential(shared, shared).double(), x)
+
+
+# ------------------------------------------------------------------- any nn.Module, bad input (issue 7)
+class ViewCNN(nn.Module):
+    """The authors' CNN pattern: features, then ``x.view(x.size(0), -1)`` in forward (needs contiguous NCHW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(4, 4, 3, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
+
+
+def test_view_forward_cnn(one_thread):
+    torch.manual_seed(30)
+    model = ViewCNN().double()
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    jac = dense_jacobians(model, x)
+    assert_metrics_close(local_metrics(model, x), oracle_metrics(jac))
+    assert_metrics_close(local_metrics(model, x, method="rev"), oracle_metrics(jac))
+    per = network_mls(model, x, per_layer=True)
+    assert list(per) == ["features.0", "features.3", "classifier"]
+    torch.testing.assert_close(per["features.0"], torch.linalg.svdvals(jac)[:, 0], rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(top_singular_values(model, x, k=1, tol=1e-12, n_iter=500)[:, 0],
+                               torch.linalg.svdvals(jac)[:, 0], rtol=1e-6, atol=1e-9)
+
+
+class SkipMLP(nn.Module):
+    """x reaches the output through the first layer and a skip connection: J != (df/dz_1) W_1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.skip = nn.Linear(8, 5), nn.Linear(5, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) + self.skip(x)
+
+
+def test_skip_connection_from_input_is_not_factored(one_thread):
+    torch.manual_seed(31)
+    model = SkipMLP().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert_metrics_close(local_metrics(model, x), oracle_metrics(dense_jacobians(model, x)))  # auto: not factored
+    with pytest.raises(ValueError, match="local_metrics: method='factored' needs a first nn.Linear"):
+        local_metrics(model, x, method="factored")
+
+
+def test_non_finite_parameters_rejected(one_thread):
+    model = FCN((4, 6, 2), seed=32).double()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for f in (local_metrics, network_mls, network_log_volume, top_singular_values, adversarial_mls):
+        with pytest.raises(ValueError, match=f"{f.__name__}: model parameter '1.weight' holds 1 non-finite"):
+            f(model, x)
+
+
+def test_wrong_input_shape_names_x(one_thread):
+    model = nn.Sequential(nn.Linear(784, 10), nn.ReLU(), nn.Linear(10, 3))
+    with pytest.raises(ValueError, match=r"local_metrics: x has shape \(5, 783\) .*the first layer '0' \(Linear\) "
+                                         r"expects 784 input features, got 783"):
+        local_metrics(model, torch.rand(5, 783))
+    with pytest.raises(ValueError, match=r"network_mls: x has shape \(5, 783\)"):
+        network_mls(model, torch.rand(5, 783))
+    fcn = FCN((784, 10, 3), seed=33)  # checks its input itself (a ValueError before the first layer)
+    with pytest.raises(ValueError, match=r"local_metrics: x has shape \(5, 783\) .*'1' \(Linear\) expects 784"):
+        local_metrics(fcn, torch.rand(5, 783))
+    cnn = ViewCNN()
+    with pytest.raises(ValueError, match=r"local_metrics: x has shape \(2, 3, 4, 4\) .*'features.0' \(Conv2d\) "
+                                         r"expects 2 input channels, got 3"):
+        local_metrics(cnn, torch.rand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"top_singular_values: x has shape \(2, 2, 6, 6\).*mat1"):
+        top_singular_values(cnn, torch.rand(2, 2, 6, 6))  # the convs accept it, the classifier does not
+
+
+def test_adversarial_mls_authors_variant_last_iterate(one_thread):
+    """Authors (sharpdim 2bcbe24): ratio at the last of n_steps evaluations, i.e. after n_steps - 1 Adam steps."""
+    torch.manual_seed(34)
+    a = torch.randn(3, 6, dtype=torch.float64)
+    lin = linear_map(a)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    delta0 = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    # one evaluation, no step: ||A delta_0|| / ||delta_0|| (closed form for an affine map)
+    want = (delta0 @ a.T).norm(dim=1) / delta0.norm(dim=1)
+    got = adversarial_mls(lin, x, n_steps=1, output="logits", variant="authors")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # five evaluations: an independent per-input loop of 4 Adam steps on the ratio
+    ref = []
+    for i in range(len(x)):
+        d = delta0[i].clone().requires_grad_(True)
+        opt = torch.optim.Adam([d], lr=0.1)
+        for _ in range(4):
+            opt.zero_grad()
+            (-(torch.sigmoid(lin(x[i] + d)) - torch.sigmoid(lin(x[i]))).norm() / d.norm()).backward()
+            opt.step()
+        with torch.no_grad():
+            ref.append((torch.sigmoid(lin(x[i] + d)) - torch.sigmoid(lin(x[i]))).norm() / d.norm())
+    torch.testing.assert_close(adversarial_mls(lin, x, n_steps=5, variant="authors"), torch.stack(ref),
+                               rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="adversarial_mls: n_steps=0 must be >= 1"):
+        adversarial_mls(lin, x, n_steps=0, variant="authors")

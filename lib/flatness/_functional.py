@@ -124,6 +124,30 @@ class _FunctionalModel:
         check_labels(fn, loss_fn, y, self.n_outputs(x))
 
 
+def _check_inputs(fn: str, model, loss_fn, data) -> tuple[Tensor, Tensor]:
+    """Model, loss and data checks of a public entry point, under its own name, before any work.
+
+    A module with finite parameters, a callable loss, ``(x, y)`` data and labels valid for the loss
+    (:func:`flatness._checks.check_labels`, with the number of outputs read off a one-example forward pass).
+    """
+    from ._checks import check_data
+
+    _check_model(fn, model)
+    check_finite_params(fn, model)
+    if loss_fn is not None:
+        _check_loss(fn, loss_fn)
+    x, y = check_data(fn, data)
+    if loss_fn is not None:
+        p = next(iter(model.parameters()), None)
+        x1 = x[:1]
+        if p is not None:
+            x1 = x1.to(p.device, p.dtype) if x1.is_floating_point() else x1.to(p.device)
+        with torch.no_grad(), eval_mode(model, True):
+            out = model(x1)
+        check_labels(fn, loss_fn, y, int(out.shape[-1]) if out.ndim >= 2 else 1)
+    return x, y
+
+
 def _chunks(x: Tensor, y: Tensor, batch_size: int | None) -> list[tuple[Tensor, Tensor, float]]:
     """Split the data into consecutive chunks with weights ``len(chunk) / n`` (mean-loss accumulation)."""
     n = len(x)
@@ -215,12 +239,15 @@ def _model_fn(model: nn.Module, output: str = "logits") -> Callable[[Tensor], Te
     return f
 
 
-def _first_forward(fn: str, model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def _first_forward(fn: str, model: nn.Module, f: Callable[[Tensor], Tensor], x: Tensor,
+                   shape: tuple[int, ...] | None = None) -> Tensor:
     """``f(x[:1])`` without gradients; a shape error of the model is re-raised as a ``ValueError`` naming ``x``.
 
     The message gives ``x``'s shape and, when the first Linear/Conv layer called is known, the number of
-    input features (Linear) or channels (Conv) it expects and what it got.
+    input features (Linear) or channels (Conv) it expects and what it got. ``shape``: the shape of the whole
+    ``x`` for the message when ``x`` is already a slice.
     """
+    shape = tuple(x.shape) if shape is None else tuple(shape)
     first: list[tuple[nn.Module, Tensor]] = []
     wanted = {id(m) for m in parametrized_layers(model)}
     names = {id(m): n for n, m in model.named_modules()}
@@ -250,7 +277,7 @@ def _first_forward(fn: str, model: nn.Module, f: Callable[[Tensor], Tensor], x: 
                    if h is not None and h.ndim > 1 else "")
             expect = (f"; the first layer {names[id(mod)]!r} ({type(mod).__name__}) expects {mod.in_channels} "
                       f"input channels{got}")
-        raise ValueError(f"{fn}: x has shape {tuple(x.shape)} ({tuple(x.shape[1:])} per input), which the model "
+        raise ValueError(f"{fn}: x has shape {shape} ({shape[1:]} per input), which the model "
                          f"cannot take{expect}; the forward raised: {exc}") from exc
     finally:
         for hd in handles:
@@ -398,13 +425,13 @@ class _Probes:
         return hook
 
 
-def _called_layers(fn: str, model: nn.Module, x1: Tensor) -> tuple[dict[str, nn.Module], dict[str, Tensor],
-                                                                    dict[str, tuple[int, ...]]]:
+def _called_layers(fn: str, model: nn.Module, x1: Tensor, shape: tuple[int, ...] | None = None
+                   ) -> tuple[dict[str, nn.Module], dict[str, Tensor], dict[str, tuple[int, ...]]]:
     """Linear/Conv layers called in a forward of ``x1``, in call order, their inputs and per-example output shapes."""
     wanted = {id(m) for m in parametrized_layers(model)}
     named = {n: m for n, m in model.named_modules() if id(m) in wanted}
     with _Probes(named) as pr:
-        _first_forward(fn, model, model, x1)
+        _first_forward(fn, model, model, x1, shape)
     twice = [n for n, c in pr.calls.items() if c > 1]
     if twice:
         raise ValueError(f"{fn}: layers {twice} are called more than once per forward (weight sharing); "
@@ -505,7 +532,7 @@ def _log_volume(lam: Tensor, top_k: int | None) -> Tensor:
 
 def _layer_jacobians(model: nn.Module, x: Tensor, output: str, chunk_size: int | None, method: str, fn: str):
     """Generator over chunks: ``(layers, {"in:l": (n_c, k, D_l)}, {l: layer input (n_c, ...)})``."""
-    layers, inputs1, _ = _called_layers(fn, model, x[:1])
+    layers, inputs1, _ = _called_layers(fn, model, x[:1], x.shape)
     f = _model_fn(model, output)
     with torch.no_grad():
         k = f(x[:1]).shape[1]
@@ -630,7 +657,7 @@ def _pass_terms(fn: str, model: nn.Module, x: Tensor, *, gram_layers=(), grad_la
         x_factored: name of a first ``nn.Linear`` applied to ``x.flatten(1)`` itself: the input-Jacobian
             spectrum (key ``"x"``) from :math:`J = \\delta_1 W` with its output gradient :math:`\\delta_1`.
     """
-    layers, inputs1, out_shapes = _called_layers(fn, model, x[:1])
+    layers, inputs1, out_shapes = _called_layers(fn, model, x[:1], x.shape)
     f = _model_fn(model, "logits")
     with torch.no_grad():
         k = f(x[:1]).shape[1]

@@ -256,7 +256,7 @@ def _prepare(fn: str, model, x, chunk_size):
 
 def _first_linear(fn: str, model: nn.Module, x: Tensor):
     """Layers, output shapes and the first layer called; it must be an ``nn.Linear`` fed by ``x.flatten(1)``."""
-    layers, inputs, out_shapes = _called_layers(fn, model, x[:1])
+    layers, inputs, out_shapes = _called_layers(fn, model, x[:1], x.shape)
     name, layer = next(iter(layers.items()))
     if not isinstance(layer, nn.Linear):
         raise NotImplementedError(
@@ -483,7 +483,7 @@ def nmls_bound(model: nn.Module, x: Tensor, trace_hessian: float | None = None,
     check_choice(fn, "variant", variant, NMLS_VARIANTS)
     x, chunk_size = _prepare(fn, model, x, chunk_size)
     with eval_mode(model):
-        layers, _, out_shapes = _called_layers(fn, model, x[:1])
+        layers, _, out_shapes = _called_layers(fn, model, x[:1], x.shape)
         names = list(layers)
         coef_ours, shared, coef_authors = _coefficients(layers, out_shapes)
         if conv == "raise" and any(shared):
