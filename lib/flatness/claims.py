@@ -146,7 +146,7 @@ def record(notebook: str, claim: str, statistic: str, value: float, ci: Sequence
 
 
 def load(profile: str) -> pd.DataFrame:
-    """The claims recorded at ``profile``: the latest row per ``(notebook, claim)``, sorted by notebook and claim.
+    """The claims recorded at ``profile``: the latest row per ``(notebook, claim)``, by notebook, in recording order.
 
     Columns: those of :func:`record`'s row plus ``git_commit`` and the package versions of the run that
     recorded it. An empty frame (with those columns) when nothing is recorded.
@@ -159,7 +159,7 @@ def load(profile: str) -> pd.DataFrame:
                  errors="ignore")
     # The store keeps the newest part per key (notebook, claim, profile); this also covers compacted tables.
     df = df.sort_values("recorded_ns", kind="stable").drop_duplicates(["notebook", "claim", "profile"], keep="last")
-    return df.sort_values(["notebook", "claim"], kind="stable").reset_index(drop=True)
+    return df.sort_values(["notebook", "recorded_ns"], kind="stable").reset_index(drop=True)
 
 
 def check(profile: str, notebook: str | None = None, *, assert_at: Sequence[str] = ASSERT_AT) -> pd.DataFrame:
@@ -211,14 +211,21 @@ def render_report(profile: str, out_dir: str | Path | None = None) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     n_hold = int(df["holds"].astype(bool).sum()) if len(df) else 0
     versions = ", ".join(f"{k.removesuffix('_version')} {v}" for k, v in env.items() if k.endswith("_version"))
+    table = _store(profile).path
+    try:
+        table = table.resolve().relative_to(REPO_ROOT.resolve())
+    except ValueError:
+        pass
     lines = [f"# Claims scorecard: profile `{profile}`", "",
              f"Generated {now} by `python -m flatness.claims report --profile {profile}` from the claims table "
-             f"`results/{profile}/claims/` (the latest record of each claim).", "",
+             f"`{table.as_posix()}/` (the latest record of each claim).", "",
              f"- git commit: `{env.get('git_commit', 'unknown')}` (at report time; each row's own commit is in "
              f"the *recorded* column)",
              f"- profile: `{profile}`", f"- versions: {versions}", f"- device: {env.get('device', 'unknown')}", "",
              f"**{n_hold} of {len(df)} claims hold.** A claim that does not hold is reported as measured "
              f"(notebooks assert at {', '.join(ASSERT_AT)}; at smoke they only record).", ""]
+    if profile == "smoke":
+        lines += ["*smoke* checks the plumbing on a few functions and runs: its statistics test nothing.", ""]
     if len(df) == 0:
         lines.append("No claims recorded at this profile yet: run `./run_all.sh --profile "
                      f"{profile}`.")
