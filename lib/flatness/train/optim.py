@@ -6,21 +6,19 @@ training", values read from the authors' TensorFlow-1 script ``sofuncheung/ICML_
 "Keras" = the Keras defaults, used where the sheet says "not recovered", since the paper says it used "the standard
 default Tensorflow hyperparameters"):
 
-============  ======================  ======================================================  ===================================
-name          torch class             defaults                                                source
-============  ======================  ======================================================  ===================================
-``sgd``       ``SGD``                 lr 0.01                                                 sheet (``GradientDescentOptimizer(0.01)``)
-``gd``        ``SGD`` (full batch)    lr 0.01                                                 not recovered: Keras SGD lr 0.01
-``momentum``  ``SGD``                 lr 0.01, momentum 0.9 (no dampening, not Nesterov)      sheet (``MomentumOptimizer(0.01, 0.9)``)
-``adam``      ``Adam``                lr 1e-3, betas (0.9, 0.999), eps 1e-8                   sheet (``AdamOptimizer()``, TF-1 defaults)
-``adagrad``   ``Adagrad``             lr 0.01, initial_accumulator_value 0.1, eps 1e-10       lr: sheet (``AdagradOptimizer(0.01)``);
-                                                                                              accumulator 0.1: that TF-1 class's default;
-                                                                                              eps: torch's (TF-1 has none; negligible
-                                                                                              next to sqrt(0.1))
-``rmsprop``   ``RMSprop``             lr 1e-3, alpha (= Keras rho) 0.9, momentum 0, eps 1e-7  not recovered: Keras defaults
-``entropy_sgd`` :class:`EntropySGD`   lr 0.01, L 20, sgld_lr 0.1, gamma 1e-3, scoping 1e-4,   sheet (lr, L, sgld_lr, noise, alpha,
-                                      noise 1e-4, alpha 0.75                                  gamma range); see :class:`EntropySGD`
-============  ======================  ======================================================  ===================================
+- ``sgd`` (``torch.optim.SGD``): lr 0.01. Sheet (``GradientDescentOptimizer(0.01)``).
+- ``gd`` (``SGD``, full batch: the loop uses the whole training set as one batch): lr 0.01. Not recovered:
+  Keras SGD default (= the paper's SGD lr).
+- ``momentum`` (``SGD``): lr 0.01, momentum 0.9 (no dampening, not Nesterov). Sheet
+  (``MomentumOptimizer(0.01, 0.9)``, the same heavy-ball update as torch's).
+- ``adam`` (``Adam``): lr 1e-3, betas (0.9, 0.999), eps 1e-8. Sheet (``AdamOptimizer()``: TF-1 defaults; Keras
+  would use eps 1e-7).
+- ``adagrad`` (``Adagrad``): lr 0.01 (sheet, ``AdagradOptimizer(0.01)``), initial_accumulator_value 0.1 (that
+  TF-1 class's default), eps 1e-10 (torch's; TF-1 has none, negligible next to sqrt(0.1)).
+- ``rmsprop`` (``RMSprop``): lr 1e-3, alpha (= Keras rho) 0.9, momentum 0, eps 1e-7. Not recovered: Keras defaults.
+- ``entropy_sgd`` (:class:`EntropySGD`): lr 0.01, L 20, sgld_lr 0.1, gamma 1e-3, scoping 1e-4, noise 1e-4,
+  alpha 0.75. Sheet for lr, sgld_lr, noise, alpha, L ("5 or 20") and the gamma range 1e-3..3e-2; scoping from
+  ``Justin-Tan/entropy-sgd-tf`` (the code Zhang et al. ran); see :class:`EntropySGD`.
 
 Changes from this module's earlier defaults (they change results): ``adagrad`` gains the TF initial accumulator 0.1
 (was torch's 0); ``rmsprop`` lr 0.01 -> 1e-3, alpha 0.99 -> 0.9, eps 1e-8 -> 1e-7 (torch's defaults replaced by
