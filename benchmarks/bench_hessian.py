@@ -13,7 +13,13 @@ when the data is missing), sigmoid cross-entropy.
    trace): exact per-example-Jacobian trace vs Hutchinson and Hutch++ with ``n`` HVPs; error, standard error,
    wall time, and the probes Hutchinson would need for a 1 % standard error. Baseline: exact.
 
-Run: ``python benchmarks/bench_hessian.py [--quick] [--device cuda]``.
+3. Gauss-Newton trace (Chen et al.'s sharpness, ``hessian_trace(method="gauss_newton")``) on the authors' models
+   (``benchmarks/_authors.py``): FNN 784-500-500-500-10 with 200 inputs and their small VGG with 100 CIFAR-sized
+   inputs. Baseline: the authors' ``get_gradW`` (one input at a time, one backward per output, parameter
+   gradients copied to numpy). Ours: factorised per-layer norms (``per_example_grad_norms_sq``), and the
+   generic ``vmap(jacrev)`` path (``method="vmap"``) for reference; relative differences vs the baseline.
+
+Run: ``python benchmarks/bench_hessian.py [--quick] [--device cuda] [--only gn]``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import machine_line, parser, print_table, sync, timeit  # noqa: E402
 
-from flatness.hessian import HessianOperator, hessian_trace, lanczos, power_iteration  # noqa: E402
+from flatness.hessian import (HessianOperator, hessian_trace, lanczos, per_example_grad_norms_sq,  # noqa: E402
+                              power_iteration)
 from flatness.losses import half_mse, sigmoid_bce  # noqa: E402
 from flatness.models import FCN  # noqa: E402
 
@@ -79,15 +86,49 @@ def _hvps_to_reach(history: list[float], ref: float, rtol: float) -> int | None:
     return n + 1
 
 
+def gauss_newton_section(device, quick: bool) -> None:
+    """Section 3: our Gauss-Newton trace vs the authors' per-input, per-output loop (same process, same threads)."""
+    import _authors as au
+
+    torch.manual_seed(0)
+    cases = [("FNN 784-500-500-500-10 (tanh)", au.FNN(10), (200 if not quick else 40, 784)),
+             ("small VGG [16,M,16,M,32,M,64,M,64,M]", au.vgg11(10), (100 if not quick else 20, 3, 32, 32))]
+    rows = []
+    for name, model, shape in cases:
+        model = model.to(device).eval()
+        x = torch.rand(*shape, device=device)
+        repeat = 1 if quick else 2
+        t_theirs = timeit(lambda: au.get_grad_w(model, x), repeat=repeat, warmup=0, device=device)
+        theirs = float(au.get_grad_w(model, x)["grad_theta2"].mean())
+        model.zero_grad(set_to_none=True)
+        ours_fn = lambda: hessian_trace(model, None, (x, x[:, 0]), method="gauss_newton").value  # noqa: E731
+        t_ours = timeit(ours_fn, repeat=repeat + 1, device=device)
+        ours = ours_fn()
+        vmap_fn = lambda: float(per_example_grad_norms_sq(model, x, method="vmap").double().mean())  # noqa: E731
+        t_vmap = timeit(vmap_fn, repeat=repeat, warmup=0, device=device)
+        vm = vmap_fn()
+        rows.append({"model": name, "n": shape[0], "authors s": t_theirs, "ours s": t_ours,
+                     "speed-up": t_theirs / t_ours, "vmap s": t_vmap, "vmap speed-up": t_theirs / t_vmap,
+                     "rel diff ours": abs(ours - theirs) / theirs, "rel diff vmap": abs(vm - theirs) / theirs})
+    print_table(rows, "Gauss-Newton trace (1/n) sum_i ||grad_theta f(x_i)||_F^2: ours vs the authors' get_gradW")
+
+
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rtol", type=float, default=1e-4, help="relative accuracy of the top eigenvalue")
     p.add_argument("--n", type=int, default=None, help="number of inputs (default 500; --quick 100)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--only", choices=("gn",), default=None,
+                   help="gn: only section 3, the Gauss-Newton trace vs the authors' loop")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.only in (None, "gn"):
+        print(machine_line())
+        gauss_newton_section(device, args.quick)
+        if args.only == "gn":
+            return
     n = args.n or (100 if args.quick else 500)
     widths = (784, 40, 40, 1)
     net, x, y, train_loss, source = _problem(n, widths, device, max_steps=100 if args.quick else 500)

@@ -340,3 +340,158 @@ def test_hessian_trace_changes_under_alpha_rescale():
     t0 = hessian_trace(model, half_mse, (x, model(x).detach())).value
     t1 = hessian_trace(scaled, half_mse, (x, scaled(x).detach())).value
     assert abs(t1 - t0) > 0.1 * t0
+
+
+# ---------------------------------------------------------------------------------------------- fast per-example norms
+
+class _Tokens(nn.Module):
+    """Linear layers on (N, T, D) tokens, a LayerNorm and attention (generic path), a tied weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.ln(self.emb(x))
+        h = h + self.att(h, h, h, need_weights=False)[0]
+        h = torch.tanh(self.mix(h))
+        h = torch.nn.functional.linear(h, self.mix.weight)  # mix.weight used twice: must not be factorised
+        return self.head(h.mean(1))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 2, stride=2, dilation=1), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 2, 3, padding=1, groups=2),  # grouped: generic path
+        nn.Flatten(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3),
+    ).to(F64)
+
+
+def _conv1d_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, stride=2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(9, 2)).to(F64)
+
+
+@pytest.mark.parametrize("make,shape", [(_conv_net, (5, 2, 7, 7)), (_conv1d_net, (6, 2, 5)),
+                                        (lambda: _Tokens().to(F64), (4, 5, 4))])
+def test_factorised_per_example_norms_match_dense_jacobians(make, shape):
+    """Ghost / factorised norms (conv, pooling, in-place ReLU, token Linear) + vmap fallback vs the dense Jacobian."""
+    net = make()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    with torch.no_grad():  # non-trivial batch-norm statistics (eval mode)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    net.eval()
+    ref = jacobian_rows(net, x).pow(2).sum((1, 2))
+    torch.testing.assert_close(per_example_grad_norms_sq(net, x), ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(per_example_grad_norms_sq(net, x, chunk_size=2), ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(per_example_grad_norms_sq(net, x, method="vmap"), ref, rtol=1e-10, atol=0)
+    # one parameter only (a bias, then a weight)
+    names = [n for n, _ in net.named_parameters()]
+    J = jacobian_rows(net, x)
+    sizes = [p.numel() for p in net.parameters()]
+    offs = torch.tensor([0] + sizes).cumsum(0)
+    for i in (1, 2):
+        ref_i = J[:, :, offs[i]:offs[i + 1]].pow(2).sum((1, 2))
+        torch.testing.assert_close(per_example_grad_norms_sq(net, x, [names[i]]), ref_i, rtol=1e-10, atol=0)
+
+
+def test_per_example_norms_float32_equal_authors_algorithm():
+    """float32, the authors' way (one input, one output at a time, parameter .grad): equal to 1e-5 relative."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=2), nn.ReLU(True), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(4 * 5 * 5, 6), nn.ReLU(True), nn.Linear(6, 3))
+    x = torch.rand(4, 3, 8, 8)
+    ref = []
+    for i in range(len(x)):
+        out = net(x[i:i + 1]).reshape(-1)
+        tot = 0.0
+        for j in range(len(out)):
+            net.zero_grad()
+            out[j].backward(retain_graph=True)
+            tot += sum(float(p.grad.double().pow(2).sum()) for p in net.parameters())
+        ref.append(tot)
+    net.zero_grad(set_to_none=True)
+    got = per_example_grad_norms_sq(net, x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(ref, dtype=F64), rtol=1e-5, atol=0)
+
+
+def test_gauss_newton_trace_any_loss_and_exact_only_for_half_mse(tiny):
+    from flatness.losses import sigmoid_bce
+
+    net, x, y = tiny
+    J = jacobian_rows(net, x)
+    gn = float(J.pow(2).sum() / len(x))
+    for loss in (cross_entropy, half_mse, None):
+        est = hessian_trace(net, loss, (x, y), method="gauss_newton")
+        assert est.method == "gauss_newton" and est.value == pytest.approx(gn, rel=1e-10)
+    assert hessian_trace(net, None, (x, y), method="exact").value == pytest.approx(gn, rel=1e-10)
+    with pytest.raises(ValueError, match="method='exact'.*loss_fn=cross_entropy.*gauss_newton.*hutchpp"):
+        hessian_trace(net, cross_entropy, (x, y), method="exact")
+    one = FCN((3, 4, 1), seed=0).to(F64)
+    with pytest.raises(ValueError, match="loss_fn=sigmoid_bce"):
+        hessian_trace(one, sigmoid_bce, (x, (y > 0).to(F64)), method="exact")
+
+
+# ---------------------------------------------------------------------------------------------- bad models and labels
+
+def _nan_net(where: str = "1.weight"):
+    net = FCN((3, 5, 2), seed=0).to(F64)
+    with torch.no_grad():
+        dict(net.named_parameters())[where][0, 0] = float("nan") if where.endswith("weight") else float("inf")
+    return net
+
+
+@pytest.mark.parametrize("call", [
+    lambda n, d: hessian_eigenvalues(n, cross_entropy, d, k=1),
+    lambda n, d: hessian_trace(n, cross_entropy, d),
+    lambda n, d: hessian_trace(n, None, d, method="gauss_newton"),
+    lambda n, d: hessian_trace(n, half_mse, d, method="exact"),
+    lambda n, d: per_example_grad_norms_sq(n, d[0]),
+    lambda n, d: HessianOperator(n, cross_entropy, d),
+])
+def test_non_finite_parameters_are_rejected_naming_the_tensor(tiny, call):
+    _, x, y = tiny
+    with pytest.raises(ValueError, match=r"model parameter '3.weight' holds 1 non-finite"):
+        call(_nan_net("3.weight"), (x, y))
+
+
+def test_non_finite_operator_and_params_mapping_rejected(tiny):
+    net, x, y = tiny
+    A = torch.eye(3, dtype=F64)
+    A[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="lanczos: operator holds 1 non-finite"):
+        lanczos(A)
+    bad = {"1.weight": torch.full((5, 3), float("nan"), dtype=F64)}
+    with pytest.raises(ValueError, match=r"params\['1.weight'\] holds 15 non-finite"):
+        per_example_grad_norms_sq(net, x, bad)
+
+
+def test_labels_checked_against_the_loss(tiny):
+    from flatness.losses import sigmoid_bce
+
+    net, x, y = tiny
+    one = FCN((3, 4, 1), seed=0).to(F64)
+    y5 = (y * 5).to(F64)  # {0, 5}: a negative BCE loss, a meaningless curvature
+    with pytest.raises(ValueError, match=r"hessian_trace: labels y must lie in \{0, 1\} for sigmoid_bce"):
+        hessian_trace(one, sigmoid_bce, (x, y5))
+    with pytest.raises(ValueError, match=r"hessian_eigenvalues: labels y must lie in \{0, 1\}"):
+        hessian_eigenvalues(one, sigmoid_bce, (x, y5))
+    with pytest.raises(ValueError, match=r"hessian_trace: labels y must lie in \{0, 1\}"):
+        hessian_trace(one, sigmoid_bce, (x, y5), method="gauss_newton")
+    y_nan = y.to(F64)
+    y_nan[3] = float("nan")
+    with pytest.raises(ValueError, match="HessianOperator: labels y hold 1 non-finite"):
+        HessianOperator(one, sigmoid_bce, (x, y_nan))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 1\] for cross_entropy"):
+        hessian_eigenvalues(net, cross_entropy, (x, y + 1))

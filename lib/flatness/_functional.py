@@ -8,6 +8,8 @@ Sections:
 
 - functional calls, chunking, batch-size / loss / model checks (the model as a pure function of a
   parameter dictionary, :func:`torch.func.functional_call`).
+- compression metrics and bounds: model calls, shape errors, layer probes, input-Jacobian passes and the
+  one-pass bound terms (:mod:`flatness.compression`, :mod:`flatness.bounds`).
 """
 
 from __future__ import annotations

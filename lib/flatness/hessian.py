@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
+from torch.overrides import TorchFunctionMode
 
 from ._checks import check_choice, check_data, check_finite, check_int, check_positive
-from ._functional import _check_batch_size, _check_loss, _chunks, _FunctionalModel, _grads
+from ._functional import _check_batch_size, _check_inputs, _check_loss, _chunks, _FunctionalModel, _grads
 
 __all__ = [
     "HessianOperator", "EigenResult", "TraceEstimate",
@@ -552,6 +553,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, data, k: int = 1, *
     """
     fn = "hessian_eigenvalues"
     check_choice(fn, "method", method, ("lanczos", "power"))
+    _check_inputs(fn, model, loss_fn, data)
     op = HessianOperator(model, loss_fn, data, params=params, batch_size=batch_size, dtype=dtype, device=device,
                          eval_mode=eval_mode)
     k = check_int(fn, "k", k, minimum=1, maximum=op.dim)
@@ -597,6 +599,32 @@ def _fast_modules(fm: _FunctionalModel, model: nn.Module) -> dict[str, nn.Module
     return out
 
 
+class _CountUses(TorchFunctionMode):
+    """Counts how often each tracked tensor enters a torch function (a parameter tied or reused outside its
+    module shows up as more than one use)."""
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        super().__init__()
+        self.ids = {id(t) for t in tensors}
+        self.counts: dict[int, int] = {}
+
+    def _scan(self, a) -> None:
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                self._scan(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                self._scan(b)
+        elif torch.is_tensor(a) and id(a) in self.ids:
+            self.counts[id(a)] = self.counts.get(id(a), 0) + 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._scan(args)
+        self._scan(kwargs)
+        return func(*args, **kwargs)
+
+
 def _capture(mods: dict[str, nn.Module], store: dict[str, list]):
     """Forward hooks recording each module's ``(input, output)``; returns the handles.
 
@@ -625,42 +653,50 @@ def _unfold(mod: nn.Module, h: Tensor) -> Tensor:
     return cols.transpose(1, 2)  # (B, P, C_in * prod(kernel))
 
 
-def _positions(mod: nn.Module, d: Tensor, k: int) -> Tensor:
-    """Output gradients of the ``k`` replicas ``(k * B, ...)`` as ``(B, k, D_out, P)``."""
-    if isinstance(mod, nn.Linear):
-        d = d.reshape(k, d.shape[0] // k, -1, d.shape[-1]).transpose(2, 3)  # (k, B, O, P)
-    else:
-        d = d.reshape(k, d.shape[0] // k, d.shape[1], -1)  # (k, B, O, P)
-    return d.transpose(0, 1)
+class _LayerNorms:
+    r"""Per-example :math:`\sum_j \lVert \nabla_W f_j \rVert_F^2 + \lVert \nabla_b f_j \rVert^2` of one layer,
+    accumulated one output :math:`j` at a time from the layer's input and output gradient.
 
-
-def _layer_norms_sq(mod: nn.Module, h: Tensor, d: Tensor, k: int, weight: bool, bias: bool) -> Tensor:
-    r"""``(B,)`` sums over the ``k`` outputs of :math:`\lVert \nabla_W f_j \rVert_F^2 + \lVert \nabla_b f_j \rVert^2`.
-
-    With rows :math:`h_p` (input patches) and :math:`\delta_p = \partial f_j / \partial z_p` per position,
-    :math:`\nabla_W f_j = \sum_p \delta_p h_p^\top`, so :math:`\lVert\nabla_W f_j\rVert_F^2 = \lVert\delta\rVert^2
-    \lVert h\rVert^2` for one position and :math:`\sum_{p,q} (\delta_p\cdot\delta_q)(h_p\cdot h_q)` in general
-    (the ghost norm, used when it is cheaper than forming :math:`\nabla_W f_j`); :math:`\nabla_b f_j = \sum_p \delta_p`.
-    ``h``: the layer input ``(B, ...)``; ``d``: the output gradients of the ``k`` replicas ``(k B, ...)``.
+    With rows :math:`h_p` (the input patches, one per output position :math:`p`) and
+    :math:`\delta_p = \partial f_j / \partial z_p`, :math:`\nabla_W f_j = \sum_p \delta_p h_p^\top`, so
+    :math:`\lVert\nabla_W f_j\rVert_F^2 = \lVert\delta\rVert^2 \lVert h\rVert^2` for one position (a Linear layer on
+    ``(N, D)`` inputs) and :math:`\sum_{p,q} (\delta_p\cdot\delta_q)(h_p\cdot h_q)` in general (the ghost norm,
+    used when :math:`P^2 (I + O) < P I O`, else :math:`\nabla_W f_j` is formed per example, ``(O, I)``);
+    :math:`\nabla_b f_j = \sum_p \delta_p`. The input side (patches, their Gram matrix or squared norms) is
+    computed once and reused for every output.
     """
-    H = _unfold(mod, h)  # (B, P, I)
-    D = _positions(mod, d, k)  # (B, k, O, P)
-    B, P, I = H.shape
-    O = D.shape[2]
-    total = torch.zeros(B, dtype=D.dtype, device=D.device)
-    if weight:
-        if P == 1:
-            total = total + D.pow(2).sum((1, 2, 3)) * H.pow(2).sum((1, 2))
-        elif P < I * O / (I + O):  # ghost norm: P^2 (I + O) < P I O
-            hh = H @ H.transpose(1, 2)  # (B, P, P)
-            dd = D.transpose(2, 3) @ D  # (B, k, P, P)
-            total = total + (dd * hh[:, None]).sum((1, 2, 3))
+
+    def __init__(self, mod: nn.Module, h: Tensor, weight: bool, bias: bool):
+        self.mod, self.weight, self.bias = mod, weight, bias
+        H = _unfold(mod, h)  # (B, P, I)
+        self.B, self.P, I = H.shape
+        O = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+        self.mode = "one" if self.P == 1 else ("ghost" if self.P * (I + O) < I * O else "direct")
+        if self.mode == "one":
+            self.H = H.pow(2).sum((1, 2))  # (B,)
+        elif self.mode == "ghost":
+            self.H = H @ H.transpose(1, 2)  # (B, P, P)
         else:
-            G = D.reshape(B, k * O, P) @ H  # (B, k O, I): the per-example, per-output weight gradients
-            total = total + G.pow(2).sum((1, 2))
-    if bias:
-        total = total + D.sum(3).pow(2).sum((1, 2))
-    return total
+            self.H = H
+        self.total = torch.zeros(self.B, dtype=H.dtype, device=H.device)
+
+    def add(self, d: Tensor) -> None:
+        """Add the contributions of ``d``, the output gradients ``(K, B, ...)`` of ``K`` outputs."""
+        K = d.shape[0]
+        if isinstance(self.mod, nn.Linear):
+            D = d.reshape(K, self.B, -1, d.shape[-1]).transpose(0, 1)  # (B, K, P, O)
+        else:
+            D = d.reshape(K, self.B, d.shape[2], -1).transpose(0, 1).transpose(2, 3)  # (B, K, P, O)
+        if self.weight:
+            if self.mode == "one":
+                self.total += D.pow(2).sum((1, 2, 3)) * self.H
+            elif self.mode == "ghost":
+                self.total += ((D @ D.transpose(2, 3)) * self.H[:, None]).sum((1, 2, 3))
+            else:  # (B, K O, P) @ (B, P, I): the per-example, per-output weight gradients, one batched product
+                Dt = D.transpose(2, 3).reshape(self.B, -1, self.P)
+                self.total += (Dt @ self.H).pow(2).sum((1, 2))
+        if self.bias:
+            self.total += D.sum(2).pow(2).sum((1, 2))
 
 
 def _grad_norms_sq(fn: str, model: nn.Module, x: Tensor, params=None, *, chunk_size: int | None = None,
@@ -687,24 +723,30 @@ def _grad_norms_sq(fn: str, model: nn.Module, x: Tensor, params=None, *, chunk_s
         fast = _fast_modules(fm, model)
     store: dict[str, list] = {}
     handles = _capture(fast, store)
+    pre = {n: (f"{n}." if n else "") for n in fast}
+    probe_params = {n: t.clone() for n, t in fm.params.items()}  # distinct objects, to count their uses
+    tracked = {n: [probe_params[f"{pre[n]}{kind}"] for kind in ("weight", "bias") if f"{pre[n]}{kind}" in probe_params]
+               for n in fast}
+    counter = _CountUses([t for ts in tracked.values() for t in ts])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             probe = x[:2]
-            out = fm(fm.params, probe)
+            out = fm(probe_params, probe)
     finally:
         for hd in handles:
             hd.remove()
     k = out[0].numel()
     for n in list(fast):
         calls = store.get(n, [])
-        if len(calls) != 1 or calls[0][0].shape[0] != len(probe) or calls[0][1].shape[0] != len(probe):
-            del fast[n]  # called twice, never, or not batch-first: generic path
-    pre = {n: (f"{n}." if n else "") for n in fast}
+        if (len(calls) != 1 or calls[0][0].shape[0] != len(probe) or calls[0][1].shape[0] != len(probe)
+                or any(counter.counts.get(id(t), 0) != 1 for t in tracked[n])):
+            del fast[n]  # called twice or never, not batch-first, or a parameter used elsewhere: generic path
+    del probe_params, tracked, counter
     fast_names = {f"{pre[n]}{kind}" for n in fast for kind in ("weight", "bias")} & set(fm.names)
     rest = [n for n in fm.names if n not in fast_names]
     act = sum(v[0][1][0].numel() + v[0][0][0].numel() for v in store.values() if v)
     dim_rest = sum(fm.params[n].numel() for n in rest)
-    if chunk_size is None:  # ~2**25 floats of Jacobians / output gradients per chunk
+    if chunk_size is None:  # ~2**25 floats of Jacobians / output gradients (k per example) per chunk
         chunk_size = max(1, 2**25 // max(1, k * (dim_rest + act)))
 
     def f_single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
@@ -715,29 +757,45 @@ def _grad_norms_sq(fn: str, model: nn.Module, x: Tensor, params=None, *, chunk_s
     for xc in x.split(chunk_size):
         g = torch.zeros(len(xc), dtype=fm.dtype, device=fm.device)
         if fast:
-            # k replicas of the chunk; replica j back-propagates output j: one backward pass gives every
-            # example's output gradient d f_j / d z at every factorised layer
-            B = len(xc)
+            # one forward pass; then, per output j, one backward pass of sum_i f_j(x_i) down to the
+            # factorised layers' outputs gives every example's d f_j / d z (examples are independent)
             store.clear()
             leaves = {n: (fm.params[n].detach().requires_grad_(True) if n in fast_names else fm.params[n])
                       for n in fm.names}
             handles = _capture(fast, store)
             try:
                 with torch.enable_grad():
-                    o = fm(leaves, xc.repeat(k, *([1] * (xc.ndim - 1)))).reshape(k, B, k)
+                    o = fm(leaves, xc).reshape(len(xc), -1)  # (B, k)
             finally:
                 for hd in handles:
                     hd.remove()
-            names = list(fast)
+            names = [n for n in fast if store[n][0][1].requires_grad]
             zs = [store[n][0][1] for n in names]
-            picked = torch.diagonal(o, dim1=0, dim2=2).sum()  # sum_j sum_i f_j(x_i) on replica j
-            deltas = torch.autograd.grad(picked, zs, allow_unused=True)
-            for n, d in zip(names, deltas):
-                if d is not None:
-                    g = g + _layer_norms_sq(fast[n], store[n][0][0][:B], d, k, f"{pre[n]}weight" in fast_names,
-                                            f"{pre[n]}bias" in fast_names)
-            del o, zs, deltas, picked
+            acc = [_LayerNorms(fast[n], store[n][0][0], f"{pre[n]}weight" in fast_names,
+                               f"{pre[n]}bias" in fast_names) for n in names]
             store.clear()
+            # output gradients of all k outputs, written in place as (K, B, ...) per layer, then one batched
+            # product per layer; Linear layers on (B, D) inputs need no buffer: their norm is
+            # ||delta||^2 ||h||^2, accumulated output by output
+            bufs = [None if a_.mode == "one" else torch.empty((k, *z.shape), dtype=z.dtype, device=z.device)
+                    for a_, z in zip(acc, zs)]
+            for j in range(k):
+                deltas = torch.autograd.grad(o[:, j].sum(), zs, retain_graph=j < k - 1, allow_unused=True)
+                for a_, buf, d in zip(acc, bufs, deltas):
+                    if buf is None:
+                        if d is not None:
+                            a_.add(d[None])
+                    elif d is None:
+                        buf[j].zero_()
+                    else:
+                        buf[j].copy_(d)
+            for a_, buf in zip(acc, bufs):
+                if buf is not None:
+                    a_.add(buf)
+            del bufs
+            for a_ in acc:
+                g = g + a_.total
+            del o, zs, acc, deltas
         if rest:
             J = jac({n: fm.params[n] for n in rest}, xc)  # name -> (B, K, *shape)
             g = g + sum(J[n].pow(2).flatten(1).sum(1) for n in rest)
@@ -851,6 +909,7 @@ def hessian_trace(model: nn.Module, loss_fn: Callable | None, data, *, method: s
     """
     fn = "hessian_trace"
     check_choice(fn, "method", method, _TRACE_METHODS)
+    _check_inputs(fn, model, loss_fn, data)
     from .losses import half_mse
 
     if method == "auto":

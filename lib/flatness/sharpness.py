@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ._checks import check_choice, check_data, check_int, check_positive
-from ._functional import _check_batch_size, _check_loss, _chunks, _FunctionalModel, _grads
+from ._functional import _check_batch_size, _check_inputs, _check_loss, _chunks, _FunctionalModel, _grads
 from .hessian import HessianOperator, TraceEstimate, hessian_eigenvalues, hessian_trace, per_example_grad_norms_sq
 from .models import parametrized_layers
 
@@ -318,6 +318,7 @@ def log_top_eig_product(model: nn.Module, loss_fn: Callable, data, k: int = 50, 
     """
     fn = "log_top_eig_product"
     check_choice(fn, "method", method, ("lanczos", "power"))
+    _check_inputs(fn, model, loss_fn, data)
     k = check_int(fn, "k", k, minimum=1)
     if max_iter is None:
         max_iter = max(300, 20 * k) if method == "lanczos" else max(1000, 20 * k)
@@ -657,7 +658,7 @@ def relative_flatness(model: nn.Module, loss_fn: Callable, data, layer=None, *, 
         :math:`\kappa` as a float.
     """
     fn = "relative_flatness"
-    _check_loss(fn, loss_fn)
+    _check_inputs(fn, model, loss_fn, data)
     wname, _ = _resolve_layer(fn, model, layer)
     block = check_int(fn, "block", block, minimum=1)
     op = HessianOperator(model, loss_fn, data, params=[wname], batch_size=batch_size, dtype=dtype,
