@@ -334,7 +334,12 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float | 
         return loss_fn(functional_call(base, p, (xb,)), yb)
 
     grad_all = vmap(grad_and_value(loss_one), in_dims=(0, 0, 0))
-    predict_all = vmap(lambda p, xx: functional_call(base, p, (xx,)), in_dims=(0, None))
+    def eval_one(p, xx, yy):
+        out = functional_call(base, p, (xx,))
+        return loss_fn(out, yy), zero_one_error(out, yy)
+
+    eval_shared = vmap(eval_one, in_dims=(0, None, None))  # labels shared by the models
+    eval_own = vmap(eval_one, in_dims=(0, None, 0))  # (m, N) labels, one row per model
 
     def labels(rows: Tensor) -> Tensor:  # (m, N) labels of the given models
         return fit_y[rows] if per_model else fit_y.expand(len(rows), n)
@@ -346,13 +351,13 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float | 
         m = len(next(iter(p.values())))
         tot_loss = torch.zeros(m, dtype=torch.float64, device=x.device)
         tot_err = torch.zeros(m, dtype=torch.float64, device=x.device)
-        dims = (0, None) if shared else (0, 0)
+        fn_eval = eval_shared if shared else eval_own
         for i in range(0, len(x), chunk):
-            out = predict_all(p, x[i:i + chunk])  # (m, c, K)
             yc = yy[i:i + chunk] if shared else yy[:, i:i + chunk]
-            c = out.shape[1]
-            tot_loss += vmap(loss_fn, in_dims=dims)(out, yc).double() * c
-            tot_err += vmap(zero_one_error, in_dims=dims)(out, yc).double() * c
+            loss_c, err_c = fn_eval(p, x[i:i + chunk], yc)  # one vmap'd forward: (m,), (m,)
+            c = len(x[i:i + chunk])
+            tot_loss += loss_c.double() * c
+            tot_err += err_c.double() * c
         return (tot_loss / len(x)).tolist(), (tot_err / len(x)).tolist()
 
     def evaluate(rows: Tensor, epoch: int) -> dict:
@@ -379,10 +384,11 @@ def train_ensemble_to_zero_error(models: Sequence[nn.Module], data, lr: float | 
         """Update the per-model status from an epoch's record (diverged, first zero error, finished)."""
         finite = torch.stack([torch.isfinite(state.params[k][torch.tensor(rec["model"], device=device)]
                                              .reshape(len(rec["model"]), -1)).all(1) for k in state.params]).all(0)
+        finite = finite.tolist()  # one host sync
         for j, i in enumerate(rec["model"]):
             loss, err = rec["loss"][j], rec["train_error"][j]
             thr = divergence_threshold(float(state.initial_loss[i]), divergence_factor)
-            if i in bad_step or not bool(finite[j]) or not math.isfinite(loss) or loss > thr:
+            if i in bad_step or not finite[j] or not math.isfinite(loss) or loss > thr:
                 state.status[i], state.active[i] = "diverged", False
                 continue
             if err == 0 and state.epochs_to_zero[i] < 0:
