@@ -12,6 +12,7 @@ When the hooks run (both loops):
   override ``on_step`` are called, so the hook costs nothing otherwise.
 - ``on_epoch(state)``: after the evaluation of every ``every``-th epoch (``state.epoch % every == 0``), including
   epoch 0 (the initialisation) for :class:`Callback` subclasses; ``state.record`` is that epoch's history row.
+  The single-model loop skips it for an epoch that diverged (the run ends there).
 - ``on_train_end(state)``: once, after the last epoch, with ``state.status`` set.
 
 ``on_step`` and ``on_epoch`` may return ``True`` (or set ``state.stop = True``) to stop training after the
