@@ -123,7 +123,12 @@ def test_ensemble_callbacks_track_alpha_rescale_and_steps():
 
     ens = train_ensemble_to_zero_error(models, (x, ys), lr=0.1, batch_size=5, max_epochs=300, callbacks=[
         Before(), AlphaRescaleAt(2, layer=1, alpha=3.0), Probe(), Steps(),
-        Track({"out0": lambda m, d: m(d[0][:1]).detach()}, every=2)])
+        Track({"out0": lambda m, d: m(d[0][:1]).detach()}, every=2),
+        Track(lambda m, d: {"w": float(m[1].weight.detach().norm())}, every=3, on="step")])
+    assert list(ens.tracks.columns) == ["epoch", "step", "model", "w"] and (ens.tracks["step"] % 3 == 0).all()
+    first = ens.tracks[ens.tracks["step"] == 3]
+    assert first["model"].tolist() == [0, 1, 2]
+    assert len(set(first["w"])) == 3  # each model measured on its own parameters
     b, a = seen["before"], seen["after"]
     assert torch.allclose(a["3.weight"], 3 * b["3.weight"]) and torch.allclose(a["5.weight"], b["5.weight"] / 3)
     from torch.func import functional_call, vmap
