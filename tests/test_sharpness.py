@@ -332,3 +332,41 @@ def test_relative_flatness_bad_layer():
         relative_flatness(net, cross_entropy, data, layer="head")
     with pytest.raises(ValueError, match="nn.Linear"):
         relative_flatness(nn.Sequential(nn.Flatten(), nn.Conv1d(1, 1, 1)), cross_entropy, data)
+
+
+# ---------------------------------------------------------------------------------------------- bad models and labels
+
+def _bce_problem():
+    net = FCN((3, 4, 1), seed=0).to(F64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g, dtype=F64)
+    y = (x[:, 0] > 0).to(F64)
+    return net, x, y
+
+
+MEASURES = [
+    ("keskar_sharpness", lambda n, d: keskar_sharpness(n, sigmoid_bce, d, epochs=1)),
+    ("log_top_eig_product", lambda n, d: log_top_eig_product(n, sigmoid_bce, d, k=2)),
+    ("adaptive_sharpness", lambda n, d: adaptive_sharpness(n, sigmoid_bce, d, n_draws=2, max_draws=2)),
+    ("relative_flatness", lambda n, d: relative_flatness(n, sigmoid_bce, d)),
+]
+
+
+@pytest.mark.parametrize("name,call", MEASURES)
+def test_measures_reject_non_finite_parameters_naming_the_tensor(name, call):
+    net, x, y = _bce_problem()
+    with torch.no_grad():
+        net[3].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=rf"{name}: model parameter '3.bias' holds 1 non-finite"):
+        call(net, (x, y))
+
+
+@pytest.mark.parametrize("name,call", MEASURES)
+def test_measures_validate_labels_against_the_loss(name, call):
+    net, x, y = _bce_problem()
+    with pytest.raises(ValueError, match=rf"{name}: labels y must lie in \{{0, 1\}} for sigmoid_bce; got values \[0.0, 5.0\]"):
+        call(net, (x, 5 * y))
+    y_nan = y.clone()
+    y_nan[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{name}: labels y hold 1 non-finite"):
+        call(net, (x, y_nan))
