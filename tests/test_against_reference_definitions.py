@@ -9,9 +9,11 @@ their code):
 (a) MLS = sigma_1 of the logits' input Jacobian; log volume = (1/2) sum of log of the top 3 eigenvalues of
     J J^T; local dim = participation ratio of the squared singular values; ||J||_F^2 their ``G``.
     NMLS = sum over Linear/Conv layers of sigma_1(d f / d h_{l-1}). Models that flatten with ``x.view``.
-(b) Fig. G.5 multiplies B, C, D by sqrt(sum_l ||W_l||_2^2) over all layers (not ||W_1||_2).
+(b) Fig. G.5 multiplies B, C, D by sqrt(sum_l ||W_l||_2^2) over all layers; Fig. 3's MLS bound "D" uses
+    the first layer's ||W_1||_2 (their ``W0``).
 (c) log-volume bound with the top-3 volume.
-(d) CNN NMLS bound term: ||W_l||_F^2 for every layer of a CNN, conv terms times the output positions.
+(d) NMLS bound term sum_l c_l / (||h_{l-1}||^2 + 1e-4): c_l = ||W_l||_2^2 for their FNN, ||W_l||_F^2 for
+    every layer of a CNN, conv terms times the output positions.
 (e) Sharpness = Tr (1/n) sum_i J_theta(x_i)^T J_theta(x_i) (Gauss-Newton trace); "exact" refuses other losses.
 (f) Average adaptive sharpness, l-inf: delta_p = rho |w_p| u_p, u_p ~ U(-1, 1); value = raw / rho^2.
 (g) ViT adversarial MLS: ratio ||sigma(f(x+d)) - sigma(f(x))|| / ||d|| at the last of 30 evaluations
