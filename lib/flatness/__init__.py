@@ -21,8 +21,8 @@ from .compression import (adversarial_mls, local_metrics, network_log_volume, ne
 from .models import (FCN, FNN, CifarResNet, LeNet5, SmallVGG, alpha_rescale, parametrized_layers, resnet50_cifar,
                      resnet_cifar)
 from .results import ResultStore
-from .sharpness import (AdaptiveSharpnessResult, KeskarResult, adaptive_sharpness, keskar_sharpness,
-                        log_top_eig_product, relative_flatness)
+from .sharpness import (AdaptiveSharpnessResult, KeskarResult, LogEigProduct, adaptive_sharpness,
+                        keskar_sharpness, log_top_eig_product, relative_flatness)
 from .stats import correlation
 from .train import train_ensemble_to_zero_error, train_to_zero_error
 
@@ -39,7 +39,7 @@ __all__ = [
     "train_to_zero_error", "train_ensemble_to_zero_error",
     # flatness (Zhang et al. 2021; Chen et al. 2023)
     "keskar_sharpness", "KeskarResult", "hessian_eigenvalues", "hessian_trace", "per_example_grad_norms_sq",
-    "log_top_eig_product", "adaptive_sharpness", "AdaptiveSharpnessResult", "relative_flatness",
+    "log_top_eig_product", "LogEigProduct", "adaptive_sharpness", "AdaptiveSharpnessResult", "relative_flatness",
     "HessianOperator", "EigenResult", "TraceEstimate", "lanczos", "power_iteration", "hutchinson_trace",
     "hutchpp_trace",
     # representation compression (Chen et al. 2023) and its bounds

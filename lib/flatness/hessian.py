@@ -824,8 +824,11 @@ def per_example_grad_norms_sq(model: nn.Module, x: Tensor, params=None, *, chunk
               \lVert \nabla_b f_j \rVert^2 = \Big\lVert \sum_p \delta_{j,p} \Big\rVert^2
 
     over output positions :math:`p` (one for a Linear layer on ``(N, D)`` inputs, where it is
-    :math:`\lVert\delta_j\rVert^2 \lVert h\rVert^2`), so one forward pass and one batched backward pass per
-    output through the activations suffice; no per-example parameter gradient is formed. This assumes that
+    :math:`\lVert\delta_j\rVert^2 \lVert h\rVert^2`), so one forward pass and, per output :math:`j`, one
+    backward pass of :math:`\sum_i f_j(x_i)` down to the layer outputs (batched over the examples) suffice; no
+    per-example parameter gradient is formed for Linear layers on ``(N, D)`` inputs, and for convolutions
+    the cheaper of the ghost norm (:math:`P^2 (I + O)`) and the per-example weight gradient (:math:`P I O`)
+    is used. This assumes that
     examples do not interact within a batch (true in eval mode; with ``eval_mode=False`` and batch-norm in
     training mode the generic path is used). Every other parameter (norm layers, attention projections used
     functionally, tied weights) uses ``vmap(jacrev)`` per-example Jacobians, as ``method="vmap"`` does for all.
