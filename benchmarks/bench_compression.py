@@ -16,8 +16,8 @@ Agreement: ``max_rel_err`` is the largest relative difference to the baseline ov
 (log volume: absolute below 1), ``n_err>1e-4`` the number of inputs above 1e-4. ReLU networks are not
 differentiable where a pre-activation is 0 or a max-pool window has a tie; an input within float32
 rounding of such a kink (with 100 random CIFAR-shaped inputs, one max-pool gap of 2e-8 relative
-occurred) gets a different Jacobian from any two float32 algorithms (batch-1 NCHW vs batched
-channels-last), and the float64 Jacobian agrees with one of them only.
+occurred) gets a different Jacobian from any two float32 algorithms (batch-1 vs batched
+convolution kernels), and the float64 Jacobian agrees with one of them only.
 """
 
 from __future__ import annotations

@@ -45,6 +45,32 @@ Weight sharing (conv layers, token-wise Linear layers): step 1 fails, because
 term (:math:`\lVert W\rVert_F^2` times the number of output positions) gives :math:`2 < 2\sqrt2`. Hence
 :func:`mls_bound_chain` and :func:`lvr_bound` refuse a conv first layer, and :func:`nmls_bound` computes
 the reference's conv term but flags the result ``rigorous=False``.
+
+Conventions (default first; "rigorous" = a proven inequality for every network and input set)
+-----------------------------------------------------------------------------------------------
+=====================================  ====================  =========  ==========================================
+option                                 value                 rigorous   matches
+=====================================  ====================  =========  ==========================================
+``mls_bound_chain(weight_norm=)``      ``"first"``           yes        Proposition 3.4 (tight constant)
+\                                      ``"all_layers"``      yes        Fig. G.5 (B, C, D times W_list), looser
+``lvr_bound(top_k=)``                  ``None`` (r=min(k,d)) yes        Proposition 3.6
+\                                      ``3``                 yes        the plotted top-3 log volume
+``nmls_bound(variant=)``               ``"ours"``            MLPs only  Proposition 3.8 (conv term heuristic)
+\                                      ``"authors"``         no         their NMLS-bound plot (get_nmls, eps 1e-4)
+=====================================  ====================  =========  ==========================================
+
+How the terms are computed (one pass)
+-------------------------------------
+Per chunk of inputs, one forward with zero probes at the inputs and outputs of every Linear/Conv layer
+and k backward passes of the batch-summed outputs give :math:`\delta_{l,j} = \partial f_j/\partial z_l`
+and :math:`\partial f_j/\partial h_{l-1}` for all layers at once. Every per-example gradient norm then
+comes from activations only: :math:`\lVert\nabla_{W_l} f_j\rVert_F^2 = \lVert\delta_{l,j}\rVert^2
+\lVert h_{l-1}\rVert^2` for Linear layers, and for weight-shared layers (conv patches :math:`h_p`) either the
+direct product :math:`\sum_p \delta_p h_p^\top` or the ghost-norm identity
+:math:`\lVert\sum_p \delta_p h_p^\top\rVert_F^2 = \sum_{p,q}(\delta_p\cdot\delta_q)(h_p\cdot h_q)`, whichever
+costs less; biases likewise. :math:`\operatorname{Tr} H` is their sum over all parameters (other parameters,
+e.g. normalisation layers, through :func:`flatness.hessian.per_example_grad_norms_sq`). The MLS of the
+chain uses :math:`J J^\top = \delta_1 W_1 W_1^\top \delta_1^\top` (no backward pass through the first layer).
 """
 
 from __future__ import annotations

@@ -51,6 +51,14 @@ Conventions (all functions)
   (e.g. dead ReLUs leaving fewer than k active paths) has ``log_volume = -inf`` (LVR = 0), as the
   definition implies; pass ``top_k`` (the authors use 3) for a finite value. ``local_dim`` is NaN when
   :math:`J = 0`.
+
+Authors' conventions (``chinsengi/sharpdim`` at commit ``2bcbe24``)
+------------------------------------------------------------------
+* ``local_metrics(top_k=3)``: their ``cal_logvol`` (top-3 eigenvalues), the log volume of Figs. 1-3;
+  default ``None`` (all :math:`\min(k, d)`, Definition 3.1).
+* ``adversarial_mls(variant="authors")``: their ``eval_mls_adv`` (ratio at the last of 30 evaluations,
+  sigmoid outputs); square it (``normalized_mls``) for Fig. 4. Default ``"ratio"`` (the maximum met).
+* ``network_mls``: their ``get_nmls`` sum (layers hooked the same way: inputs of Linear/Conv layers).
 """
 
 from __future__ import annotations
