@@ -47,6 +47,33 @@ def test_each_model_trains_as_its_own_single_run(name):
     assert len(set(stops)) > 1, stops  # models stopping at different epochs do not disturb the others
 
 
+def test_loss_threshold_stops_as_the_single_run_does():
+    """With loss_threshold both loops train past the first zero-error epoch until the loss is that low, and stop
+    at the same epoch with the same weights; a threshold never reached gives max_epochs in both."""
+    x, ys = _functions()
+    models = [FCN((4, 16, 1), seed=s).double() for s in range(3)]
+    seeds = [3, 4, 5]
+    ens = train_ensemble_to_zero_error(models, (x, ys), lr=0.5, batch_size=5, max_epochs=400, seeds=seeds,
+                                       loss_threshold=0.05)
+    for i, m in enumerate(models):
+        r = train_to_zero_error(m, (x, ys[i]), lr=0.5, batch_size=5, max_epochs=400, seed=seeds[i],
+                                loss_threshold=0.05)
+        assert ens.status[i] == r.status == "converged"
+        assert int(ens.epochs_to_zero[i]) == r.epochs_to_zero
+        stop = int(r.history["epoch"].iloc[-1])
+        assert int(ens.stop_epoch[i]) == stop > r.epochs_to_zero  # trained on after the first zero error
+        assert r.history["loss"].iloc[-1] <= 0.05 < r.history["loss"].iloc[-2]
+        for p_ens, p in zip(ens.model(i).parameters(), r.model.parameters()):
+            assert torch.allclose(p_ens, p, rtol=1e-9, atol=1e-10)
+    never = train_to_zero_error(models[0], (x, ys[0]), lr=0.5, batch_size=5, max_epochs=30, seed=3,
+                                loss_threshold=1e-9)
+    ens_never = train_ensemble_to_zero_error(models[:1], (x, ys[:1]), lr=0.5, batch_size=5, max_epochs=30,
+                                             seeds=[3], loss_threshold=1e-9)
+    assert never.status == ens_never.status[0] == "max_epochs" and never.epochs_to_zero is not None
+    with pytest.raises(ValueError, match="train_to_zero_error: loss_threshold=0"):
+        train_to_zero_error(models[0], (x, ys[0]), loss_threshold=0)
+
+
 def test_seed_means_seed_plus_i_and_membership_does_not_matter():
     x, ys = _functions()
     models = [FCN((4, 16, 1), seed=s).double() for s in range(3)]

@@ -62,6 +62,7 @@ class TrainState:
     batch: torch.Tensor | None = None
     loss: float | None = None  # last mini-batch loss
     epochs_to_zero: int | None = None
+    fit_epoch: int | None = None  # first epoch meeting the stop rule (zero error on S, and loss <= loss_threshold)
     status: str | None = None  # set at the end ("converged", "max_epochs", "diverged")
     history: list = field(default_factory=list)  # rows so far (the last one is ``record`` after an epoch)
     tracks: list = field(default_factory=list)  # step-tracked rows (Track(on="step"))
@@ -91,7 +92,8 @@ class TrainState:
         """Everything needed to resume the run bit-identically (see :class:`~flatness.train.Checkpoint`)."""
         opt_sd = self.optimizer.state_dict() if hasattr(self.optimizer, "state_dict") else None
         return {"kind": "train_to_zero_error", "version": 1, "epoch": self.epoch, "step": self.step,
-                "phase": self.phase, "epochs_to_zero": self.epochs_to_zero, "status": self.status,
+                "phase": self.phase, "epochs_to_zero": self.epochs_to_zero, "fit_epoch": self.fit_epoch,
+                "status": self.status,
                 "stop": self.stop, "model": copy.deepcopy(self.model.state_dict()),
                 "optimizer": copy.deepcopy(opt_sd), "generator": self.generator.get_state(),
                 "rng": _rng_states(), "history": copy.deepcopy(self.history),
@@ -109,6 +111,7 @@ class TrainState:
         _set_rng_states(ckpt["rng"])
         self.epoch, self.step, self.phase = int(ckpt["epoch"]), int(ckpt["step"]), ckpt["phase"]
         self.epochs_to_zero, self.status, self.stop = ckpt["epochs_to_zero"], ckpt["status"], bool(ckpt["stop"])
+        self.fit_epoch = ckpt.get("fit_epoch", self.epochs_to_zero)
         self.history[:] = ckpt["history"]
         self.tracks[:] = ckpt["tracks"]
         self.record = self.history[-1] if self.history else {}
@@ -165,7 +168,8 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
                         seed: int = 0, callbacks: Sequence = (),
                         loss_fn: Callable = sigmoid_bce, device=None, progress: bool = False,
                         optimizer_kwargs: dict | None = None, copy_model: bool = True,
-                        divergence_factor: float | None = DIVERGENCE_FACTOR) -> TrainResult:
+                        divergence_factor: float | None = DIVERGENCE_FACTOR,
+                        loss_threshold: float | None = None) -> TrainResult:
     """Train on S ∪ A until zero error on S (Zhang et al. 2021), then optionally over-train.
 
     After every epoch the full loss on S ∪ A and the errors on S, A and T are recorded (epoch 0 is the
@@ -201,6 +205,10 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
         optimizer_kwargs: extra hyper-parameters for a named optimizer (e.g. ``{"momentum": 0.5}``).
         copy_model: train a deep copy (default) rather than ``model`` itself.
         divergence_factor: see :func:`divergence_threshold` (``None``: only non-finite values diverge).
+        loss_threshold: also require the mean loss on S ∪ A to fall to this value before the run counts as
+            fitted (status ``converged``; over-training counts from that epoch), as
+            :func:`~flatness.train.train_ensemble_to_zero_error` does; ``epochs_to_zero`` is still the first
+            zero-error epoch.
     Returns:
         :class:`TrainResult` (``tracks`` holds the rows of step-tracking callbacks).
     """
@@ -211,6 +219,8 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
         batch_size = check_int(fn, "batch_size", batch_size, minimum=1)
     if not callable(optimizer):
         check_choice(fn, "optimizer", optimizer, OPTIMIZERS)
+    if loss_threshold is not None:
+        loss_threshold = check_positive(fn, "loss_threshold", loss_threshold)
     if divergence_factor is not None:
         divergence_factor = check_positive(fn, "divergence_factor", divergence_factor)
     cbs = _Callbacks(callbacks, fn)
@@ -230,7 +240,7 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     config = {"optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
               "lr": opt.param_groups[0]["lr"] if hasattr(opt, "param_groups") else lr, "batch_size": bs,
               "max_epochs": max_epochs, "overtrain_epochs": overtrain_epochs, "seed": int(seed), "n_fit": n,
-              "divergence_factor": divergence_factor}
+              "divergence_factor": divergence_factor, "loss_threshold": loss_threshold}
     state = TrainState(0, model, opt, {}, "train", data=(fit_x, fit_y), generator=gen, config=config,
                        splits={"train": train, "fit": (fit_x, fit_y), "attack": attack, "test": test})
     rows = state.history
@@ -257,6 +267,9 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
         last[0] = out
         return out
 
+    def fits(row: dict) -> bool:  # the stop rule: zero error on S (and, with loss_threshold, a loss that low)
+        return row["train_error"] == 0.0 and (loss_threshold is None or row["loss"] <= loss_threshold)
+
     cbs.begin(state)  # may restore a checkpoint: state.epoch > 0, history non-empty
     if not rows:
         row = record(0, "train")
@@ -264,6 +277,8 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
             state.status = "diverged"
         elif row["train_error"] == 0.0:
             state.epochs_to_zero = 0
+            if fits(row):
+                state.fit_epoch = 0
         if state.status is None:
             cbs.epoch(state)
     threshold = divergence_threshold(rows[0]["loss"], divergence_factor)
@@ -275,12 +290,12 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     model.train()
     last: list = [None]
     while state.status is None and not state.stop:
-        if state.epochs_to_zero is None and state.epoch >= max_epochs:
+        if state.fit_epoch is None and state.epoch >= max_epochs:
             break
-        if state.epochs_to_zero is not None and state.epoch >= state.epochs_to_zero + overtrain_epochs:
+        if state.fit_epoch is not None and state.epoch >= state.fit_epoch + overtrain_epochs:
             break
         state.epoch += 1
-        state.phase = "train" if state.epochs_to_zero is None else "overtrain"
+        state.phase = "train" if state.fit_epoch is None else "overtrain"
         perm = torch.randperm(n, generator=gen).to(device)
         diverged = False
         for i in range(0, n, bs):
@@ -304,6 +319,8 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
             break
         if state.epochs_to_zero is None and row["train_error"] == 0.0:
             state.epochs_to_zero = state.epoch
+        if state.fit_epoch is None and fits(row):
+            state.fit_epoch = state.epoch
         cbs.epoch(state)
         if bar is not None:
             bar.update(1)
@@ -311,7 +328,7 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     if bar is not None:
         bar.close()
     if state.status is None:
-        state.status = "converged" if state.epochs_to_zero is not None else "max_epochs"
+        state.status = "converged" if state.fit_epoch is not None else "max_epochs"
     model.eval()
     cbs.end(state)
     return TrainResult(model, state.status, pd.DataFrame(rows), state.epochs_to_zero, config,
