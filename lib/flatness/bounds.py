@@ -220,7 +220,10 @@ def _log_bound(r: int, v: float, mean_log_x: float) -> float:
 
 
 def _spectral_sq(w: Tensor) -> float:
-    return float(torch.linalg.matrix_norm(w.detach().to(torch.float64).reshape(w.shape[0], -1), ord=2)) ** 2
+    """:math:`\\lVert W\\rVert_2^2`: the largest eigenvalue of the smaller float64 Gram matrix (2x faster than an SVD)."""
+    w = w.detach().to(torch.float64).reshape(w.shape[0], -1)
+    gram = w @ w.mT if w.shape[0] <= w.shape[1] else w.mT @ w
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0))
 
 
 def _positions(mod: nn.Module, out_shape: tuple[int, ...]) -> int:
@@ -243,10 +246,11 @@ def _coefficients(layers: dict[str, nn.Module], out_shapes: dict[str, tuple[int,
         w = m.weight.detach().to(torch.float64)
         fro2 = float(w.pow(2).sum())
         is_shared = not (isinstance(m, nn.Linear) and len(out_shapes[nm]) == 1)
+        spec = _spectral_sq(w) if not is_shared or not has_conv else math.nan  # computed once per layer
         shared.append(is_shared)
-        ours.append(fro2 * _positions(m, out_shapes[nm]) if is_shared else _spectral_sq(w))
+        ours.append(fro2 * _positions(m, out_shapes[nm]) if is_shared else spec)
         if not has_conv:
-            authors.append(_spectral_sq(w))
+            authors.append(spec)
         else:
             authors.append(fro2 if isinstance(m, nn.Linear) else fro2 * _positions(m, out_shapes[nm]))
     return torch.tensor(ours, dtype=torch.float64), shared, torch.tensor(authors, dtype=torch.float64)
@@ -370,8 +374,11 @@ def mls_bound_chain(model: nn.Module, x: Tensor, trace_hessian: float | None = N
     x, chunk_size = _prepare(fn, model, x, chunk_size)
     terms, layers, out_shapes, layer, g, x_norm, tr = _first_layer_pass(fn, model, x, trace_hessian, chunk_size)
     mls, fro = terms.lam["x"][:, 0].sqrt(), terms.fro2["x"].sqrt()
-    w_norm = math.sqrt(_spectral_sq(layer.weight))
-    omega = w_norm if weight_norm == "first" else math.sqrt(float(_coefficients(layers, out_shapes)[2].sum()))
+    if weight_norm == "first":
+        w_norm = omega = math.sqrt(_spectral_sq(layer.weight))
+    else:
+        coef_ours, _, coef_authors = _coefficients(layers, out_shapes)
+        w_norm, omega = math.sqrt(float(coef_ours[0])), math.sqrt(float(coef_authors.sum()))
     inv_x = math.sqrt(float(_ratio(torch.ones_like(x_norm), x_norm**2).mean()))
     partial = float((g**2).mean())
     per_input = omega * _ratio(g, x_norm)
