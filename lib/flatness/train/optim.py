@@ -459,7 +459,12 @@ class FunctionalOptimizer:
             if mask.shape != (m,):
                 raise ValueError(f"{fn}: active_mask has shape {tuple(mask.shape)}; expected ({m},) for {m} models")
             mask = mask.to(torch.bool)
-        step = torch.where(mask, state["step"] + 1, state["step"])
+        if active_mask is None:  # every model steps: no selection (torch.where was ~20% of a stacked step)
+            def where(rows, new, old):
+                return new
+        else:
+            where = torch.where
+        step = where(mask, state["step"] + 1, state["step"])
         new_state: dict = {"step": step}
         lr = self.hparams["lr"]
         new_params: dict[str, Tensor] = {}
@@ -470,9 +475,9 @@ class FunctionalOptimizer:
                 g = grads[k]
                 if mom > 0:
                     b = state["momentum_buffer"][k].mul(mom).add_(g)
-                    bufs[k] = torch.where(_row_view(mask, p), b, state["momentum_buffer"][k])
+                    bufs[k] = where(_row_view(mask, p), b, state["momentum_buffer"][k])
                     g = b
-                new_params[k] = torch.where(_row_view(mask, p), torch.add(p, g, alpha=-lr), p)
+                new_params[k] = where(_row_view(mask, p), torch.add(p, g, alpha=-lr), p)
             if mom > 0:
                 new_state["momentum_buffer"] = bufs
         else:  # adam, as torch's single-tensor Adam: per-model bias corrections in float64, then cast
@@ -491,9 +496,9 @@ class FunctionalOptimizer:
                 e2 = state["exp_avg_sq"][k].mul(b2).addcmul_(g, g, value=1.0 - b2)
                 denom = (e2.sqrt() / _row_view(bc2_sqrt.to(p.dtype), p)).add_(eps)
                 upd = p - _row_view(step_size.to(p.dtype), p) * e1 / denom
-                new_params[k] = torch.where(rows, upd, p)
-                ea[k] = torch.where(rows, e1, state["exp_avg"][k])
-                eas[k] = torch.where(rows, e2, state["exp_avg_sq"][k])
+                new_params[k] = where(rows, upd, p)
+                ea[k] = where(rows, e1, state["exp_avg"][k])
+                eas[k] = where(rows, e2, state["exp_avg_sq"][k])
             new_state["exp_avg"], new_state["exp_avg_sq"] = ea, eas
         return new_params, new_state
 
