@@ -253,3 +253,15 @@ def test_build_timm_vit_small_input(one_thread):
         assert m.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 2)
     m2 = build("timm:vit_tiny_patch16_224", seed=0, **kw)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("widths, exc, match", [
+    (5, TypeError, r"FCN: widths=5 must be a sequence of layer widths"),
+    ((784,), ValueError, r"FCN: widths=\(784,\) needs at least an input and an output width"),
+    ((784, 0, 1), ValueError, r"FCN: widths\[1\]=0 must be >= 1"),
+    ((784, 2.5, 1), TypeError, r"FCN: widths\[1\]=2.5 must be an integer")])
+def test_bad_widths_name_the_parameter(widths, exc, match):
+    with pytest.raises(exc, match=match):
+        FCN(widths)
+    with pytest.raises(exc, match=match.replace("FCN", "FNN")):
+        FNN(widths)

@@ -112,3 +112,14 @@ def check_labels(fn: str, loss_fn, y: Tensor, n_outputs: int | None = None) -> N
         if y.numel() and n_outputs is not None and n_outputs > 1 and (int(y.min()) < 0 or int(y.max()) >= n_outputs):
             raise ValueError(f"{fn}: labels y must be class indices in [0, {n_outputs - 1}] for {loss_fn.__name__} "
                              f"with {n_outputs} outputs; got min {int(y.min())}, max {int(y.max())}")
+
+
+def check_widths(fn: str, widths, example: str = "(784, 40, 40, 1)") -> tuple[int, ...]:
+    """Raise unless ``widths`` is a sequence of at least two positive integer layer widths; return it as a tuple."""
+    try:
+        widths = tuple(widths)
+    except TypeError:
+        raise TypeError(f"{fn}: widths={widths!r} must be a sequence of layer widths, e.g. {example}") from None
+    if len(widths) < 2:
+        raise ValueError(f"{fn}: widths={widths} needs at least an input and an output width, e.g. {example}")
+    return tuple(check_int(fn, f"widths[{i}]", w, minimum=1) for i, w in enumerate(widths))

@@ -8,20 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import check_choice, check_int, check_positive, check_widths
 from ._common import check_seed
 
 __all__ = ["FCN", "FNN"]
-
-
-def _check_widths(fn: str, widths: Sequence[int]) -> tuple[int, ...]:
-    try:
-        widths = tuple(widths)
-    except TypeError:
-        raise TypeError(f"{fn}: widths={widths!r} must be a sequence of layer widths, e.g. (784, 40, 40, 1)") from None
-    if len(widths) < 2:
-        raise ValueError(f"{fn}: widths={widths} needs at least an input and an output width")
-    return tuple(check_int(fn, f"widths[{i}]", w, minimum=1) for i, w in enumerate(widths))
 
 
 def _check_features(fn: str, x: torch.Tensor, expected: int) -> None:
@@ -52,7 +42,7 @@ class FCN(nn.Sequential):
 
     def __init__(self, widths: Sequence[int] = (784, 40, 40, 1), sigma_w: float = math.sqrt(2.0),
                  sigma_b: float = 1.0, seed: int | None = None):
-        widths = _check_widths("FCN", widths)
+        widths = check_widths("FCN", widths)
         check_positive("FCN", "sigma_w", sigma_w)
         check_positive("FCN", "sigma_b", sigma_b, allow_zero=True)
         seed = None if seed is None else check_seed("FCN", seed)
@@ -108,7 +98,7 @@ class FNN(nn.Module):
     def __init__(self, widths: Sequence[int] = (784, 500, 500, 500, 10), activation: str = "relu",
                  layer_norm: bool = False):
         super().__init__()
-        widths = _check_widths("FNN", widths)
+        widths = check_widths("FNN", widths)
         check_choice("FNN", "activation", activation, tuple(_ACTIVATIONS))
         mods: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):

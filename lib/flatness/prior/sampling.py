@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import check_choice, check_int, check_positive, check_widths
 from .._device import resolve_device
 from ..boolean import _MAX_N, boolean_inputs, pack_bits
 
@@ -487,13 +487,7 @@ class _Worker:
 
 
 def _check_widths(fn: str, widths) -> tuple[int, ...]:
-    try:
-        widths = tuple(widths)
-    except TypeError:
-        raise TypeError(f"{fn}: widths={widths!r} must be a sequence of layer widths like (7, 40, 40, 1)") from None
-    if len(widths) < 2:
-        raise ValueError(f"{fn}: widths={widths} needs at least an input and an output width, e.g. (7, 40, 40, 1)")
-    widths = tuple(check_int(fn, f"widths[{i}]", w, minimum=1) for i, w in enumerate(widths))
+    widths = check_widths(fn, widths, example="(7, 40, 40, 1)")
     if widths[-1] != 1:
         raise ValueError(f"{fn}: widths={widths} must end in 1 (a single output thresholded at 0)")
     check_int(fn, "widths[0]", widths[0], minimum=1, maximum=_MAX_N)
