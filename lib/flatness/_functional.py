@@ -487,18 +487,46 @@ def _jacobians(fn: Callable[[dict[str, Tensor]], Tensor], inputs: dict[str, Tens
     return {nm: cols.permute(1, 2, 0)}
 
 
-def _factored_gram(f: Callable[[Tensor], Tensor], xc: Tensor, name: str, layer: nn.Linear) -> Tensor:
+def _factored_gram(f: Callable[[Tensor], Tensor], xc: Tensor, name: str, layer: nn.Linear,
+                   wwt: Tensor | None = None) -> Tensor:
     """:math:`J J^\\top = G (W W^\\top) G^\\top` with :math:`G = \\partial f / \\partial z_1`, ``(n_c, k, k)`` float64.
 
     Backward passes stop at the first layer's output (a probe), so the :math:`k \\times m \\times d` input
-    gradient of the first layer is never formed; exact because :math:`J = G W`.
+    gradient of the first layer is never formed; exact because :math:`J = G W`. ``wwt``: :math:`W W^\\top` in
+    float64 when the caller computed it once for all chunks.
     """
     probes = _Probes({name: layer}, outputs=True)
     zeros = {f"out:{name}": torch.zeros(xc.shape[0], layer.out_features, dtype=xc.dtype, device=xc.device)}
     with probes:
         gz = _jacobians(lambda pv: probes.call(f, xc, pv), zeros, "loop")[f"out:{name}"]  # (n_c, k, m) float64
-    w = layer.weight.detach().to(torch.float64)
-    return gz @ (w @ w.mT) @ gz.mT
+    if wwt is None:
+        w = layer.weight.detach().to(torch.float64)
+        wwt = w @ w.mT
+    return gz @ wwt @ gz.mT
+
+
+def _first_layer_jacobians(f: Callable[[Tensor], Tensor], xc: Tensor, name: str, layer: nn.Linear) -> Tensor:
+    """:math:`J = G W` ``(n_c, k, d)`` in ``xc``'s dtype, :math:`G = \\partial f / \\partial z_1` from k backward passes.
+
+    The backward passes stop at the first layer's output (a probe; ``xc`` needs no gradient), and the
+    first layer's input gradient of all k outputs and all inputs of the chunk is one ``(n_c k, m) @ (m, d)``
+    GEMM instead of k smaller ones inside the passes. The same arithmetic as ``"loop"`` (a float32 ``J``),
+    without the float64 :math:`G (W W^\\top) G^\\top` products of :func:`_factored_gram`.
+    """
+    n, m = xc.shape[0], layer.out_features
+    probes = _Probes({name: layer}, outputs=True)
+    z = torch.zeros(n, m, dtype=xc.dtype, device=xc.device, requires_grad=True)
+    with probes, torch.enable_grad():
+        out = probes.call(f, xc.detach(), {f"out:{name}": z})
+        k = out.shape[1]
+        gz = torch.empty(n, k, m, dtype=xc.dtype, device=xc.device)
+        for j in range(k):
+            (g,) = torch.autograd.grad(out[:, j].sum(), z, retain_graph=j < k - 1, allow_unused=True)
+            if g is None:
+                gz[:, j].zero_()
+            else:
+                gz[:, j].copy_(g)
+    return (gz.reshape(n * k, m) @ layer.weight.detach()).reshape(n, k, -1)
 
 
 def _spectrum(jac: Tensor, eps: float | None = None) -> tuple[Tensor, Tensor]:
