@@ -146,3 +146,11 @@ def test_a_run_that_cannot_converge_is_a_row_with_its_status(tmp_path, one_threa
     assert row["status"] == "max_epochs" and row["epochs"] == -1
     assert all(c in table.columns for c in CONTRACT)
     assert all(math.isnan(row[c]) for c in ("log_prior", "sharpness", "sharpness_lbfgsb", "hessian_norm"))
+
+
+def test_tiny_resnet_run_uses_the_empirical_kernel(one_thread):
+    (cfg,) = A.configs("smoke", panels="cifar_resnet", n_train=20, n_test=20, kernel_samples=2, sharpness_epochs=1)
+    (row,) = A.run(cfg)
+    assert row["status"] == "converged" and row["train_error"] == 0.0
+    assert (row["model"], row["kernel"], row["kernel_samples"]) == ("resnet_small", "empirical", 2)
+    assert math.isfinite(row["log_prior"]) and row["sharpness"] >= 0 and math.isnan(row["sharpness_lbfgsb"])
