@@ -347,7 +347,8 @@ def _input_linear(model: nn.Module, x1: Tensor) -> tuple[str, nn.Linear] | None:
 def _enters_only_through(model: nn.Module, x1: Tensor, name: str, layer: nn.Linear) -> bool:
     """Whether :math:`J = (\\partial f/\\partial z_1) W` holds on ``x1`` (``x`` reaches the output through ``layer`` only).
 
-    False for a skip connection from ``x`` past the first layer. Checked on one input: k backward passes.
+    False for a skip connection from ``x`` past the first layer. Checked on one input: the k backward passes
+    as one batched (vmapped) backward over the k unit cotangents.
     """
     f = _model_fn(model)
     xr = x1[:1].detach().clone().requires_grad_(True)
@@ -356,13 +357,13 @@ def _enters_only_through(model: nn.Module, x1: Tensor, name: str, layer: nn.Line
     with probes, torch.enable_grad():
         out = probes.call(f, xr, {f"out:{name}": z})
         k = out.shape[1]
-        jd, jz = [], []
-        for j in range(k):
-            gx, gz = torch.autograd.grad(out[0, j], [xr, z], retain_graph=j < k - 1, allow_unused=True)
-            jd.append(torch.zeros_like(xr).reshape(-1) if gx is None else gx.reshape(-1))
-            jz.append(torch.zeros_like(z).reshape(-1) if gz is None else gz.reshape(-1))
-    jd64 = torch.stack(jd).to(torch.float64)
-    jf64 = torch.stack(jz).to(torch.float64) @ layer.weight.detach().to(torch.float64)
+        eye = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1)  # (k, 1, k): row j selects output j
+        gx, gz = torch.autograd.grad(out, [xr, z], eye, is_grads_batched=True, allow_unused=True)
+    jd64 = (torch.zeros(k, xr.numel(), dtype=torch.float64, device=x1.device) if gx is None
+            else gx.reshape(k, -1).to(torch.float64))
+    jz64 = (torch.zeros(k, z.numel(), dtype=torch.float64, device=x1.device) if gz is None
+            else gz.reshape(k, -1).to(torch.float64))
+    jf64 = jz64 @ layer.weight.detach().to(torch.float64)
     scale = float(jd64.norm()) + float(jf64.norm())
     return float((jd64 - jf64).norm()) <= 1e3 * torch.finfo(x1.dtype).eps * scale + 1e-30
 
