@@ -286,16 +286,8 @@ def weight_factor(model: nn.Module, x1: Tensor, first: bool = False) -> float:
     :math:`c_1^{1/2}` (their ``W0``, the factor of Fig. 3's bound "D"), computed once from one forward."""
     fnn = _is_fnn(model)
     numel: dict[int, int] = {}
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    handles = [m.register_forward_hook(
-        lambda mod, _i, o: numel.__setitem__(id(mod), int(torch.tensor(o.shape[-2:]).prod().item())))
-        for m in layers]
-    try:
-        with torch.no_grad():
-            model(x1[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    layers = _one_forward_with_hook(
+        model, x1, lambda mod, _i, o: numel.__setitem__(id(mod), int(torch.tensor(o.shape[-2:]).prod().item())))
     coefs = [float(_layer_coef(m.weight.detach(), numel[id(m)], fnn)) for m in layers if id(m) in numel]
     return math.sqrt(coefs[0] if first else sum(coefs))
 
@@ -367,11 +359,18 @@ def forward_flops(model: nn.Module, x1: Tensor) -> float:
         else:
             total[0] += 2.0 * o.numel() * m.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    _one_forward_with_hook(model, x1, hook)
+    return total[0]
+
+
+def _one_forward_with_hook(model: nn.Module, x1: Tensor, hook) -> list[nn.Module]:
+    """Run ``x1[:1]`` through ``model`` once with ``hook`` on every Linear/Conv2d layer; return those layers."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with torch.no_grad():
             model(x1[:1])
     finally:
         for h in handles:
             h.remove()
-    return total[0]
+    return layers
