@@ -396,3 +396,33 @@ def test_entropy_sgd_trains_through_the_closure():
                             optimizer_kwargs={"L": 3}, callbacks=[Count()])
     assert r.status in ("converged", "max_epochs") and len(calls) == r.history["step"].iloc[-1] > 0
     assert not torch.equal(r.model[1].weight, FCN((5, 16, 1), seed=0)[1].weight)
+
+
+def test_eval_every_skips_full_passes_but_not_the_trajectory():
+    """eval_every=k: history rows (and epoch callbacks) only every k-th epoch and at the end; same weights."""
+    task = _toy_task(random_labels=True)
+    seen = []
+
+    class Epochs(Callback):
+        def on_epoch(self, state):
+            seen.append(state.epoch)
+
+    class StopAt(Callback):
+        every_steps = 1
+
+        def on_step(self, state):
+            return state.step == 23  # mid-epoch (48 examples, batch 8: 6 steps per epoch)
+
+    kw = dict(optimizer="sgd", lr=0.05, batch_size=8, max_epochs=1000, seed=3, overtrain_epochs=1000)
+    full = train_to_zero_error(FCN((5, 16, 1), seed=0), task, callbacks=[StopAt()], **kw)
+    sparse = train_to_zero_error(FCN((5, 16, 1), seed=0), task, callbacks=[StopAt(), Epochs()], eval_every=2, **kw)
+    assert seen == [0, 2, 4] and sparse.history["epoch"].tolist() == [0, 2, 4]  # epoch 4 stopped at step 23
+    assert full.history["epoch"].tolist() == [0, 1, 2, 3, 4]
+    for a, b in zip(full.model.parameters(), sparse.model.parameters()):
+        assert torch.equal(a, b)
+    pd.testing.assert_frame_equal(full.history.iloc[[0, 2, 4]].reset_index(drop=True), sparse.history)
+    short = train_to_zero_error(FCN((5, 16, 1), seed=0), task, max_epochs=3, eval_every=2, optimizer="sgd",
+                                lr=1e-4, batch_size=8)
+    assert short.history["epoch"].tolist() == [0, 2, 3] and short.status == "max_epochs"  # the last epoch too
+    with pytest.raises(ValueError, match="eval_every"):
+        train_to_zero_error(FCN((5, 16, 1), seed=0), task, eval_every=0)
