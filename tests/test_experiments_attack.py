@@ -46,8 +46,10 @@ def test_cpu_sizes_match_the_issue_table():
     assert {(c.train.n_train, c.train.n_test, c.train.widths) for c in cf} == {(500, 500, (3072, 40, 40, 1))}
     rn = by("cifar_resnet")
     assert sorted({c.train.n_attack for c in rn}) == [0, 125, 250]
-    assert {(c.train.model, c.train.batch_size, c.zeta, c.sharpness_lr) for c in rn} == \
-        {("resnet_small", 128, 1e-5, 1.0)}
+    assert {(c.train.model, c.train.batch_size, c.train.lr, c.zeta, c.sharpness_lr, c.sharpness_batch_size,
+             c.sharpness_epochs) for c in rn} == {("resnet_small", 32, 0.1, 1e-5, 1.0, 128, 100)}, \
+        "cpu ResNet: batch 32 and lr 0.1 (documented), the reference sheet's ascent settings"
+    assert {(c.train.batch_size, c.train.lr) for c in A.configs("paper", panels="cifar_resnet")} == {(128, 0.01)}
     assert {(c.zeta, c.sharpness_lr, c.sharpness_epochs, c.train.lr, c.train.batch_size) for c in mn + cf} == \
         {(1e-4, 1e-3, 100, 0.01, 32)}, "reference sheet: FCN sharpness and training settings"
     assert {c.train.source for c in A.configs("paper")} == {"full"}
@@ -154,3 +156,106 @@ def test_tiny_resnet_run_uses_the_empirical_kernel(one_thread):
     assert row["status"] == "converged" and row["train_error"] == 0.0
     assert (row["model"], row["kernel"], row["kernel_samples"]) == ("resnet_small", "empirical", 2)
     assert math.isfinite(row["log_prior"]) and row["sharpness"] >= 0 and math.isnan(row["sharpness_lbfgsb"])
+
+
+# ------------------------------------------------------------------------------ kernel reuse, sweep order
+def test_s_and_t_do_not_depend_on_the_attack_size_so_runs_of_a_draw_share_the_kernel():
+    from flatness.data import binary_task
+
+    a = binary_task("mnist", 50, 0, 50, seed=3, source="embedded")
+    b = binary_task("mnist", 50, 40, 50, seed=3, source="embedded")
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.x, b.test.x)
+    c0, c1 = _tiny(n_attack=0), _tiny(n_attack=40)
+    assert A._kernel_config(c0, 100) == A._kernel_config(c1, 100)
+    assert A._kernel_config(c0, 100) != A._kernel_config(c0.replace(train=c0.train.replace(draw=1)), 100)
+
+
+def test_resnet_kernel_is_an_artifact_reused_by_the_next_attack_size(tmp_path, one_thread, monkeypatch):
+    store = ResultStore(A.STORE_NAME, tmp_path)
+    cfgs = A.configs("smoke", panels="cifar_resnet", attacks=[0, 10], n_train=20, n_test=20, kernel_samples=2,
+                     sharpness_epochs=1)
+    A._KERNEL_CACHE.clear()
+    (r0,) = A.run(cfgs[0], store)
+    kc = A._kernel_config(cfgs[0], 40)
+    assert store.has_artifact(config_key(kc)), "the empirical kernel is saved as an artifact"
+    A._KERNEL_CACHE.clear()
+    import flatness.prior as prior
+
+    def boom(*a, **k):
+        raise AssertionError("the kernel must be loaded, not recomputed")
+
+    monkeypatch.setattr(prior, "empirical_nngp_kernel", boom)
+    (r1,) = A.run(cfgs[1], store)
+    assert r1["status"] == "converged" and r1["kernel"] == "empirical" and math.isfinite(r1["log_prior"])
+
+
+def test_run_all_keeps_the_order_of_its_configs_and_checks_workers(tiny_store):
+    store, cfg, _ = tiny_store
+    other = _tiny(n_attack=0)
+    table = A.run_all([other, cfg], store, progress=False)
+    assert list(table["n_attack"]) == [0, 10]
+    with pytest.raises(ValueError, match="workers"):
+        A.run_all([cfg], store, workers=0)
+    assert A.WORKERS == {"smoke": 1, "cpu": 2, "paper": 1}
+
+
+# -------------------------------------------------------------------------------- figures and claims
+def _synthetic(sign=1.0, n=30, seed=0):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for panel in ("mnist_fcn", "cifar_fcn", "cifar_resnet"):
+        for i in range(n):
+            a = 50 * (i % 6)
+            err = 0.1 + 0.0008 * a + rng.normal(0, 0.01)
+            rows.append(dict(panel=panel, status="converged", n_attack=a, test_error=err,
+                             log10_prior=-300 - sign * 300 * err + rng.normal(0, 2),
+                             log10_prior_probit=-320 - 250 * a / 250 + rng.normal(0, 2),
+                             sharpness=10 ** rng.normal(0, 1), sharpness_lbfgsb=10 ** rng.normal(0, 1),
+                             hessian_norm=10 ** rng.normal(1, 0.3)))
+    rows.append(dict(panel="mnist_fcn", status="max_epochs", n_attack=0))
+    return pd.DataFrame(rows)
+
+
+def test_correlations_and_claims_on_synthetic_data():
+    df = _synthetic()
+    corr = A.correlations(df, n_boot=200)
+    assert set(corr.panel) == {"mnist_fcn", "cifar_fcn", "cifar_resnet"}
+    r = corr[(corr.pair == "log10_prior_vs_test_error") & (corr.method == "spearman")]
+    assert (r.r < -0.9).all() and (r.n == 30).all(), "the non-converged row is left out"
+    res = {c["claim"]: c for c in A.claim_results(df, corr)}
+    assert res["test_error_rises_mnist_fcn"]["holds"] and res["log_prior_predicts_cifar_resnet"]["holds"]
+    assert res["flatness_looser_mnist_fcn"]["holds"] and res["flatness_looser_mnist_fcn"]["value"] < 0
+    lo, hi = res["flatness_looser_mnist_fcn"]["ci"]
+    assert lo <= res["flatness_looser_mnist_fcn"]["value"] <= hi
+    assert res["scale_log10p_high"]["value"] == pytest.approx(-320, abs=3) and res["scale_log10p_high"]["holds"]
+    assert res["scale_log10p_low"]["value"] == pytest.approx(-570, abs=3) and not res["scale_log10p_low"]["holds"]
+    bad = {c["claim"]: c for c in A.claim_results(_synthetic(sign=-1.0))}  # prior rising with test error
+    assert not bad["log_prior_predicts_mnist_fcn"]["holds"] and bad["log_prior_predicts_mnist_fcn"]["value"] > 0.9
+    sharp = _synthetic(sign=0.0)  # prior unrelated to the error, sharpness a monotone function of it
+    sharp["sharpness"] = 10 ** (10 * sharp["test_error"])
+    looser = {c["claim"]: c for c in A.claim_results(sharp)}["flatness_looser_mnist_fcn"]
+    assert not looser["holds"] and looser["value"] > 0.5
+    from flatness import claims
+
+    for c in res.values():  # every dict is accepted by claims.record's signature
+        assert set(c) <= set(claims.record.__code__.co_varnames)
+
+
+def test_figure_functions_return_figures_on_a_tiny_frame():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = _synthetic(n=6)
+    for f in (A.figure_fig3, A.figure_s7, A.figure_spectral_norm, A.figure_scale):
+        fig = f(df)
+        assert fig.axes, f.__name__
+        plt.close(fig)
+    assert A.figure_fig3(df).axes[0].get_title() == "MNIST, FCN"
+    plt.close("all")
+    tab = A.scale_table(df)
+    assert list(tab["n_attack"]) == sorted(set(df["n_attack"].dropna().astype(int)))
