@@ -501,8 +501,8 @@ def correlations(df: pd.DataFrame, pairs=None, n_boot: int = 2000) -> pd.DataFra
 def _grid(n_rows: int, panels: list[str], height: float = 3.3):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(n_rows, max(1, len(panels)), figsize=(4.4 * max(1, len(panels)), height * n_rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)) + 1, height * n_rows),
+                             squeeze=False, layout="constrained")
     return fig, axes
 
 
@@ -522,12 +522,16 @@ def _scatter(ax, sub: pd.DataFrame, x: str, y: str, *, logy: bool = False, xlabe
     ys = sub[y].to_numpy(dtype=float)
     if logy:
         ys = np.log10(np.where(ys > 0, ys, np.nan))
-    if np.isfinite(xs).sum() < 3 or np.isfinite(ys).sum() < 3:
-        ax.text(0.5, 0.5, "fewer than 3 runs", transform=ax.transAxes, ha="center")
+    hue = dict(c=sub["n_attack"].to_numpy(dtype=float), cmap="viridis", vmin=0,
+               vmax=max(1.0, float(sub["n_attack"].max())) if len(sub) else 1.0)
+    if (np.isfinite(xs) & np.isfinite(ys)).sum() < 3:
+        ax.scatter(xs, ys, s=14, **hue)
+        ax.text(0.5, 0.9, "fewer than 3 runs: no correlation", transform=ax.transAxes, ha="center", fontsize=8)
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         return None
-    *_, sc = scatter_corr(ax, xs, ys, hue=sub["n_attack"].to_numpy(dtype=float), xlabel=xlabel, ylabel=ylabel,
-                          title=title, cmap="viridis", vmin=0, vmax=max(1.0, float(sub["n_attack"].max())))
+    *_, sc = scatter_corr(ax, xs, ys, hue=hue.pop("c"), xlabel=xlabel, ylabel=ylabel, title=title, **hue)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.35 * (hi - lo))  # room for the annotation above the points
     return sc
 
 
@@ -603,7 +607,7 @@ def figure_scale(df: pd.DataFrame, panel: str = "mnist_fcn"):
 
     d = converged(df)
     d = d[d["panel"] == panel]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
     ps = PAPER_SCALE
     ax.add_patch(Rectangle((ps["test_accuracy_low"], ps["log10_prior_low"]),
                            ps["test_accuracy_high"] - ps["test_accuracy_low"],
