@@ -6,8 +6,8 @@ Protocol of one run (issue 9; sizes, kernels and sharpness settings from the ref
    disjoint from S and T, labels flipped), test set T. MNIST 0-4 vs 5-9; CIFAR-10 car vs cat.
 2. **Training.** From the prior initialisation (FCN: weights :math:`N(0, 2/\\text{fan-in})`, biases
    :math:`N(0, 1)`), train on :math:`S \\cup A` with ``optimizer`` (plain SGD, lr 0.01, batch 32 for FCNs,
-   128 for ResNets; mean sigmoid cross-entropy) until the first epoch with zero error on S (A need not be
-   fitted). ``max_epochs`` or divergence end a run with that status and no measurements.
+   128 for ResNet-50, batch 32 at lr 0.1 for the cpu ResNet; mean sigmoid cross-entropy) until the first epoch
+   with zero error on S (A need not be fitted). ``max_epochs`` or divergence end a run with that status and no measurements.
 3. **Measurements** at that epoch: errors on S, A and T; :math:`\\ln P(f)` by EP (Heaviside, the paper's
    definition, as ``log_prior``; probit as ``log_prior_probit``) of the labels the trained network gives
    :math:`S \\cup T`, under the arc-cosine NNGP kernel (:math:`\\sigma_w = \\sqrt 2, \\sigma_b = 1`) for FCNs
