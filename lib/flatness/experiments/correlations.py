@@ -691,22 +691,27 @@ def figure_fig3(df: pd.DataFrame, n_boot: int = 2000):
 
     ok = _ok(df)
     combos = [c for c in COMBOS if c in set(ok["combo"])]
-    fig, axes = plt.subplots(2, max(len(combos), 1), figsize=(4 * max(len(combos), 1), 7), squeeze=False)
+    fig, axes = plt.subplots(2, max(len(combos), 1), figsize=(4 * max(len(combos), 1) + 1, 7), squeeze=False,
+                             layout="constrained")
+    loglr = np.log10(ok["lr"].astype(float))
+    norm = plt.Normalize(float(loglr.min()), float(loglr.max()) + 1e-9)
+    sc = None
     for j, combo in enumerate(combos):
         sub = ok[ok["combo"] == combo]
         rig_m = bool(sub["mls_bound_rigorous"].astype(bool).all())
         rig_n = bool(sub["nmls_bound_rigorous"].astype(bool).all())
-        for i, (xc, yc, rig, lab) in enumerate([("mls_bound", "mls", rig_m, "MLS bound (Prop. 3.4, D)"),
+        for i, (xc, yc, rig, lab) in enumerate([("mls_bound", "mls", rig_m, "MLS bound D (Prop. 3.4)"),
                                                  ("nmls_bound", "nmls", rig_n, "NMLS bound (Prop. 3.8)")]):
             ax = axes[i, j]
-            sc = ax.scatter(sub[xc], sub[yc], c=np.log10(sub["lr"].astype(float)), cmap="viridis", s=16, alpha=0.8)
+            sc = ax.scatter(sub[xc], sub[yc], c=np.log10(sub["lr"].astype(float)), cmap="viridis", norm=norm, s=16,
+                            alpha=0.8)
             _annotate(ax, sub[xc], sub[yc], n_boot)
-            ax.set_xlabel(lab + ("" if rig else " - not rigorous"))
+            ax.set_xlabel(lab + ("" if rig else "\n(authors' conv convention, not rigorous)"), fontsize=9)
             ax.set_ylabel(yc.upper())
             if i == 0:
-                ax.set_title(_LABEL[combo])
-        cb = fig.colorbar(sc, ax=axes[:, j].tolist(), shrink=0.6)
-        cb.set_label(r"$\log_{10}$ lr")
+                ax.set_title(_LABEL[combo], fontsize=10)
+    if sc is not None:
+        fig.colorbar(sc, ax=axes.ravel().tolist(), shrink=0.5, label=r"$\log_{10}$ lr")
     return fig
 
 
@@ -756,7 +761,7 @@ def figure_heatmap(df: pd.DataFrame, columns: dict | None = None, n_boot: int = 
     columns = dict(PAIR_COLUMNS if columns is None else columns)
     ok = _ok(df)
     combos = [c for c in COMBOS if c in set(ok["combo"])]
-    fig, axes = plt.subplots(1, max(len(combos), 1), figsize=(6.5 * max(len(combos), 1), 6), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(combos), 1), figsize=(7.2 * max(len(combos), 1), 6), squeeze=False)
     for a, combo in enumerate(combos):
         sub = ok[ok["combo"] == combo]
         cols = [c for c in columns if c in sub.columns and np.isfinite(sub[c].to_numpy(float)).sum() >= 3]
