@@ -58,6 +58,8 @@ def test_profiles_zoo_shape():
     assert len(exp.configs("smoke")) <= 4
     assert len(exp.configs("paper")) >= len(cpu)
     assert cpu[0].metrics.rho == 0.1 and exp.MetricConfig().n_draws == 50 and exp.MetricConfig().max_draws == 200
+    s3 = exp.configs("cpu", seed=3)[0]
+    assert s3.train.seed == 3 and s3.metrics.seed == 3 and s3.train.run_seed != cpu[0].train.run_seed
 
 
 @pytest.mark.parametrize("arch", list(exp.ARCHS))

@@ -9,7 +9,7 @@ The same pipeline runs two zoos:
   pretrained weights, input <= 384 px and 1000 classes (:func:`online_model_names`), 100 images drawn from
   ``imagenet_dir/train/<wnid>/*.JPEG``, each model's own preprocessing (``timm.data.resolve_data_config`` +
   ``create_transform``). A model that fails to load or run is a row with ``status="failed"`` and the reason.
-* **Offline** (``smoke``/``cpu``; no network): small vision transformers of four families built with timm
+* **Offline** (``smoke``/``cpu``; no network): 36 small vision transformers of four families built with timm
   at 32 px (:data:`ARCHS`: ViT, LeViT, FastViT, MobileViT; two sizes each), trained from scratch on the
   bundled CIFAR-10 airplane vs automobile with varied learning rate, augmentation and epochs
   (:data:`RECIPES`), weights saved as artifacts (:func:`flatness.runs.trained`).
@@ -98,10 +98,11 @@ _SMALL = ("vit_d32", "levit_s", "fastvit_s", "mobilevit_w25")
 _MEDIUM = ("vit_d48", "levit_m", "fastvit_m", "mobilevit_w50")
 RECIPES: dict[str, list[tuple[tuple[str, ...], list[tuple[float, str, int]]]]] = {
     "smoke": [(_SMALL, [(1e-3, "crop", 1)])],
-    "cpu": [(_SMALL, [(1e-3, "none", 4), (2e-3, "crop", 4), (3e-4, "none", 8)]),
-            (_MEDIUM, [(1e-3, "none", 4), (2e-3, "crop", 4)])],
-    "paper": [(_SMALL, [(1e-3, "none", 20), (2e-3, "crop", 20), (3e-4, "none", 40), (1e-3, "crop", 40)]),
-              (_MEDIUM, [(1e-3, "none", 20), (2e-3, "crop", 20), (3e-4, "none", 40), (1e-3, "crop", 40)])],
+    "cpu": [(_SMALL, [(1e-3, "none", 4), (2e-3, "crop", 4), (3e-4, "none", 8), (1e-3, "flip", 6),
+                      (2e-3, "none", 4)]),
+            (_MEDIUM, [(1e-3, "none", 4), (2e-3, "crop", 4), (1e-3, "flip", 6), (2e-3, "none", 4)])],
+    "paper": [(_SMALL + _MEDIUM, [(1e-3, "none", 20), (2e-3, "crop", 20), (3e-4, "none", 40), (1e-3, "crop", 40),
+                                  (1e-3, "flip", 30), (2e-3, "none", 20)])],
 }
 
 #: Sizes per profile (fields of :class:`VitTrainConfig` / :class:`MetricConfig`; the rest keep defaults).
@@ -213,7 +214,9 @@ _METRIC_FIELDS = {f.name for f in dataclasses.fields(MetricConfig)}
 def _routed(where: str, values: dict, allow_train: bool = True) -> dict:
     out = {}
     for k, v in values.items():
-        if k in _METRIC_FIELDS:
+        if k == "seed" and allow_train:  # one seed for the study: initialisation, batches and metric noise
+            out["train.seed"] = out["metrics.seed"] = v
+        elif k in _METRIC_FIELDS:
             out[f"metrics.{k}"] = v
         elif allow_train and k in _TRAIN_FIELDS and k not in ("arch", "lr", "augment", "epochs"):
             out[f"train.{k}"] = v
