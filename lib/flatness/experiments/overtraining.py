@@ -667,7 +667,9 @@ def claim_function_constant(run: pd.DataFrame, window: int = 400) -> dict:
     """Claim 1: after zero error no function change in the last ``window`` pre-rescale epochs, sharpness falls >= 2x.
 
     Returns ``changes`` (epochs in the window whose function differed from the epoch before), ``ratio``
-    (sharpness at the zero-error epoch / just before the rescaling), ``holds``.
+    (sharpness at the zero-error epoch / just before the rescaling), ``constant_after`` (the record after which the
+    function never changed again before the rescaling), ``log10_prior_range`` (max - min of log10 P from zero error
+    to the rescaling), ``holds``.
     """
     run = run.sort_values("epoch")
     E = _rescale_epoch(run)
@@ -685,8 +687,12 @@ def claim_function_constant(run: pd.DataFrame, window: int = 400) -> dict:
     if not math.isfinite(s_end):
         s_end = float(pre["sharpness"].iloc[-1])
     ratio = s0 / s_end
+    moved = run[(run["epoch"] > fit) & (run["epoch"] <= E) & (run["n_function_changes"] > 0)]
     return {"changes": changes, "window": (lo, E), "sharpness_zero": s0, "sharpness_pre_rescale": s_end,
-            "ratio": ratio, "holds": bool(changes == 0 and ratio >= 2.0)}
+            "ratio": ratio, "constant_after": int(moved["epoch"].max()) if len(moved) else fit,
+            "log10_prior_range": float(run.loc[(run["epoch"] >= fit) & (run["epoch"] <= E), "log10_prior"].max()
+                                       - run.loc[(run["epoch"] >= fit) & (run["epoch"] <= E), "log10_prior"].min()),
+            "holds": bool(changes == 0 and ratio >= 2.0)}
 
 
 def claim_rescale_invariance(run: pd.DataFrame) -> dict:
@@ -766,7 +772,7 @@ def figure_temporal(df: pd.DataFrame, run: str = "fig5_s9", until: int | None = 
     if until is not None:
         r = r[r["epoch"] <= fit + until]
     E = _rescale_epoch(r)
-    fig, axes = plt.subplots(3, 1, figsize=(7.5, 8), sharex=True, gridspec_kw={"height_ratios": [2, 1.3, 1]})
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True, gridspec_kw={"height_ratios": [2.4, 1.2, 1]})
     ax = axes[0]
     ax.semilogy(r["epoch"], r["sharpness"], ".-", ms=3, color="tab:blue", label="Keskar sharpness")
     ax.semilogy(r["epoch"], r["loss"], "-", color="tab:green", lw=1, label="training loss")
@@ -777,6 +783,7 @@ def figure_temporal(df: pd.DataFrame, run: str = "fig5_s9", until: int | None = 
         ax.semilogy([E], [pre["sharpness_pre"]], "o", mfc="none", color="tab:blue", label="just before rescaling")
     ax.set_ylabel("sharpness / loss")
     ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylim(top=ax.get_ylim()[1] * 30)  # head room for the inset
     axes[1].plot(r["epoch"], r["log10_prior"], ".-", ms=3, color="tab:orange")
     axes[1].set_ylabel(r"$\log_{10} P(f)$ (EP)")
     axes[2].plot(r["epoch"], r["train_error"], "-", label="train error")
@@ -788,17 +795,20 @@ def figure_temporal(df: pd.DataFrame, run: str = "fig5_s9", until: int | None = 
     alpha = r["alpha"].dropna().iloc[0] if "alpha" in r and r["alpha"].notna().any() else math.nan
     axes[0].set_title(title or f"{run}: zero error at epoch {fit}" + (f", alpha = {alpha:g} at epoch {E}" if E else ""))
     fig.tight_layout()  # before the inset, which tight_layout cannot place
-    if inset and E is not None:
+    if inset and E is not None:  # two stacked insets over the flat overtraining stretch (upper middle)
         z = r[(r["epoch"] >= E - 60) & (r["epoch"] <= E + 60)]
-        ins = axes[0].inset_axes([0.56, 0.5, 0.42, 0.46])
-        ins.semilogy(z["epoch"], z["sharpness"], ".-", ms=3, color="tab:blue")
-        ins.semilogy([E], [pre["sharpness_pre"]], "o", mfc="none", color="tab:blue")
-        ins.axvline(E, color="tab:red", ls="--", lw=0.8)
-        i2 = ins.twinx()
-        i2.plot(z["epoch"], z["log10_prior"], ".-", ms=3, color="tab:orange")
-        i2.tick_params(labelsize=6, colors="tab:orange")
-        ins.tick_params(labelsize=6)
-        ins.set_title("zoom on the rescaling", fontsize=7)
+        top = axes[0].inset_axes([0.2, 0.7, 0.34, 0.24])
+        bot = axes[0].inset_axes([0.2, 0.46, 0.34, 0.21], sharex=top)
+        top.semilogy(z["epoch"], z["sharpness"], ".-", ms=3, color="tab:blue")
+        top.semilogy([E], [pre["sharpness_pre"]], "o", mfc="none", color="tab:blue")
+        top.set_ylabel("sharpness", fontsize=6)
+        top.set_title(f"zoom on the rescaling (epochs {E - 60}-{E + 60})", fontsize=7, pad=2)
+        bot.plot(z["epoch"], z["log10_prior"], ".-", ms=3, color="tab:orange")
+        bot.set_ylabel(r"$\log_{10} P$", fontsize=6)
+        for a in (top, bot):
+            a.axvline(E, color="tab:red", ls="--", lw=0.8)
+            a.tick_params(labelsize=6)
+        top.tick_params(labelbottom=False)
     return fig
 
 
@@ -866,8 +876,12 @@ def figure_long_run(df: pd.DataFrame, run: str = "fig5_s9", control: str | None 
     return fig
 
 
-def figure_overtrain_scatter(df: pd.DataFrame):
-    """Figs. S11-S16: test error vs log10 P and vs sharpness, per optimizer (rows) and overtraining length (cols)."""
+def figure_overtrain_scatter(df: pd.DataFrame, floor: float = 1e-12):
+    """Figs. S11-S16: test error vs log10 P and vs sharpness, per optimizer (rows) and overtraining length (cols).
+
+    Sharpness below ``floor`` (exactly 0 after long Adam runs, whose loss and Hessian all but vanish) is drawn at
+    ``floor`` on the log axis; the annotated correlations then use the clipped values (Spearman is unchanged).
+    """
     import matplotlib.pyplot as plt
 
     from ..plotting import scatter_corr
@@ -881,8 +895,13 @@ def figure_overtrain_scatter(df: pd.DataFrame):
             g = ok[(ok["optimizer"] == opt) & (ok["overtrain_epochs"] == k)]
             scatter_corr(axes[2 * i, j], g["log10_prior"], g["test_error"], hue=g["n_attack"], cmap="viridis",
                          xlabel=r"$\log_{10} P(f)$", ylabel="test error", title=f"{opt}, +{k} epochs")
-            scatter_corr(axes[2 * i + 1, j], g["sharpness"], g["test_error"], hue=g["n_attack"], cmap="viridis",
-                         logx=True, xlabel="Keskar sharpness", ylabel="test error", title=f"{opt}, +{k} epochs")
+            sharp = g["sharpness"].clip(lower=floor)  # long Adam runs reach sharpness 0.0 (loss ~ 0): shown at floor
+            scatter_corr(axes[2 * i + 1, j], sharp, g["test_error"], hue=g["n_attack"], cmap="viridis", logx=True,
+                         xlabel="Keskar sharpness" + (f" (0 shown at {floor:g})" if (g["sharpness"] < floor).any()
+                                                      else ""), ylabel="test error", title=f"{opt}, +{k} epochs")
+    for ax in axes.ravel():  # head room: the annotation box sits in the upper left
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + 0.6 * (hi - lo))
     fig.tight_layout()
     return fig
 
