@@ -170,6 +170,27 @@ class _Part:
     error: bool
 
 
+
+def _to_cpu(obj):
+    """``obj`` with every tensor (in nested dicts, lists and tuples) on the CPU; ``obj`` itself if all are."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        items = {k: _to_cpu(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = items if type(obj) is dict else type(obj)(items)  # an OrderedDict state_dict stays one
+        if hasattr(obj, "_metadata"):  # state_dict version metadata, read by load_state_dict
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple):
+        items = [_to_cpu(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
+
+
 class ResultStore:
     """A resumable table of runs under ``root/name`` (see the module docstring for the folder's rules).
 
@@ -522,7 +543,9 @@ class ResultStore:
         """Save ``obj`` (weights, a checkpoint dict) under ``key`` with :func:`torch.save`, atomically.
 
         Written to a temporary file in the same folder, then renamed with ``os.replace``, so a reader sees
-        the old artifact or the new one, never half of one. Returns ``<store.path>/artifacts/<key>.pt``.
+        the old artifact or the new one, never half of one. Tensors (also inside dicts, lists and tuples) are
+        saved on the CPU, so a store written on a GPU machine loads anywhere. Returns
+        ``<store.path>/artifacts/<key>.pt``.
         """
         import torch
 
@@ -530,7 +553,7 @@ class ResultStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{final.name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            torch.save(obj, tmp)
+            torch.save(_to_cpu(obj), tmp)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)

@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 
 from .._checks import check_choice
+from .._device import resolve_device
 from ..boolean import _MAX_N, boolean_inputs, hex_to_function
 from ..losses import sigmoid_bce
 from ..models import FCN
@@ -179,8 +180,7 @@ def _train_one(t: BooleanTrainConfig) -> dict:
     """Train one network (plain SGD, the single-model loop); the artifact: weights and outcome."""
     x, y = boolean_inputs(t.widths[0]), hex_to_function(t.function, t.widths[0])
     res = train_to_zero_error(_init(t), (x, y), optimizer="sgd", lr=t.lr, batch_size=t.batch_size,
-                              max_epochs=t.max_epochs, seed=t.run_seed, loss_threshold=t.loss_threshold,
-                              device="cpu")
+                              max_epochs=t.max_epochs, seed=t.run_seed, loss_threshold=t.loss_threshold)
     return {"state_dict": res.model.state_dict(), "status": res.status,
             "epochs_to_zero": -1 if res.epochs_to_zero is None else int(res.epochs_to_zero),
             "stop_epoch": int(res.history["epoch"].iloc[-1]) if res.status == "converged" else -1}
@@ -194,7 +194,7 @@ def _train_many(ts: list[BooleanTrainConfig], progress: bool = False) -> list[di
     ys = torch.stack([hex_to_function(t.function, n) for t in ts])
     ens = train_ensemble_to_zero_error([_init(t) for t in ts], (x, ys), lr=t0.lr, batch_size=t0.batch_size,
                                        max_epochs=t0.max_epochs, seeds=[t.run_seed for t in ts],
-                                       loss_threshold=t0.loss_threshold, device="cpu", progress=progress)
+                                       loss_threshold=t0.loss_threshold, progress=progress)
     return [{"state_dict": ens.model(i).state_dict(), "status": ens.status[i],
              "epochs_to_zero": int(ens.epochs_to_zero[i]), "stop_epoch": int(ens.stop_epoch[i])}
             for i in range(len(ts))]
@@ -211,6 +211,7 @@ def _measure(cfg: BooleanRunConfig, art: dict) -> dict:
         return row
     model = _init(t)
     model.load_state_dict(art["state_dict"])
+    model.to(resolve_device())  # $FLATNESS_DEVICE, else CUDA when present; the data follow the model
     data = (boolean_inputs(t.widths[0]), hex_to_function(t.function, t.widths[0]))
     seed = t.run_seed % (2 ** 31)
     ks = keskar_sharpness(model, sigmoid_bce, data, zeta=cfg.zeta, method="sgd", lr=cfg.sharpness_lr,
