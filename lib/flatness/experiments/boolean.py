@@ -180,7 +180,8 @@ def _train_one(t: BooleanTrainConfig) -> dict:
     """Train one network (plain SGD, the single-model loop); the artifact: weights and outcome."""
     x, y = boolean_inputs(t.widths[0]), hex_to_function(t.function, t.widths[0])
     res = train_to_zero_error(_init(t), (x, y), optimizer="sgd", lr=t.lr, batch_size=t.batch_size,
-                              max_epochs=t.max_epochs, seed=t.run_seed, loss_threshold=t.loss_threshold)
+                              max_epochs=t.max_epochs, seed=t.run_seed, loss_threshold=t.loss_threshold,
+                              device=resolve_device())
     return {"state_dict": res.model.state_dict(), "status": res.status,
             "epochs_to_zero": -1 if res.epochs_to_zero is None else int(res.epochs_to_zero),
             "stop_epoch": int(res.history["epoch"].iloc[-1]) if res.status == "converged" else -1}
@@ -194,7 +195,7 @@ def _train_many(ts: list[BooleanTrainConfig], progress: bool = False) -> list[di
     ys = torch.stack([hex_to_function(t.function, n) for t in ts])
     ens = train_ensemble_to_zero_error([_init(t) for t in ts], (x, ys), lr=t0.lr, batch_size=t0.batch_size,
                                        max_epochs=t0.max_epochs, seeds=[t.run_seed for t in ts],
-                                       loss_threshold=t0.loss_threshold, progress=progress)
+                                       loss_threshold=t0.loss_threshold, device=resolve_device(), progress=progress)
     return [{"state_dict": ens.model(i).state_dict(), "status": ens.status[i],
              "epochs_to_zero": int(ens.epochs_to_zero[i]), "stop_epoch": int(ens.stop_epoch[i])}
             for i in range(len(ts))]
