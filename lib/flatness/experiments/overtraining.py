@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 
 from .._checks import check_choice
+from .._device import resolve_device
 from .._modes import eval_mode
 from ..losses import sigmoid_bce
 from ..results import ResultStore, config_key
@@ -319,7 +320,8 @@ class _Meter:
 
     def logits(self, model) -> torch.Tensor:
         with eval_mode(model), torch.no_grad():
-            return torch.cat([model(xb).reshape(len(xb)) for xb in self.x_st.split(1024)])
+            dev = next(model.parameters()).device
+            return torch.cat([model(xb.to(dev)).reshape(len(xb)).cpu() for xb in self.x_st.split(1024)])
 
     def predict(self, model) -> torch.Tensor:
         return (self.logits(model) > 0).long()
@@ -486,7 +488,7 @@ def _train_prefix(p: TemporalPrefixConfig) -> dict:
     snap = _Snapshot(lambda s: k(s) == p.rescale_after)
     res = train_to_zero_error(_fcn(p.widths, p.sigma_w, p.sigma_b, p.run_seed), task, optimizer="sgd", lr=p.lr,
                               batch_size=p.batch_size, max_epochs=p.max_epochs, overtrain_epochs=p.rescale_after,
-                              seed=p.run_seed, callbacks=[tracker, snap], device="cpu")
+                              seed=p.run_seed, callbacks=[tracker, snap], device=resolve_device())
     return {"status": res.status, "rows": tracker.rows, "snapshot": snap.snapshot,
             "epochs_to_zero": res.epochs_to_zero, "fit_epoch": None if snap.snapshot is None else
             snap.snapshot["fit_epoch"]}
@@ -507,7 +509,7 @@ def _continue(p: TemporalPrefixConfig, pre: dict, alpha: float, overtrain_epochs
     resume = _Resume(pre["snapshot"], alpha, tracker, pre["rows"][-1])
     res = train_to_zero_error(_fcn(p.widths, p.sigma_w, p.sigma_b, p.run_seed), task, optimizer="sgd", lr=p.lr,
                               batch_size=p.batch_size, max_epochs=p.max_epochs, overtrain_epochs=overtrain_epochs,
-                              seed=p.run_seed, callbacks=[resume, tracker], device="cpu")
+                              seed=p.run_seed, callbacks=[resume, tracker], device=resolve_device())
     return tracker, resume, res
 
 
@@ -570,7 +572,7 @@ def _train_attack(t: _attack.AttackTrainConfig) -> dict:
     task = binary_task(t.dataset, t.n_train, t.n_attack, t.n_test, seed=t.draw, source=t.source)
     res = train_to_zero_error(_fcn(t.widths, t.sigma_w, t.sigma_b, t.run_seed), task, optimizer=t.optimizer,
                               lr=t.lr, batch_size=t.batch_size, max_epochs=t.max_epochs, seed=t.run_seed,
-                              device="cpu")
+                              device=resolve_device())
     last = res.final
     return {"state_dict": res.model.state_dict(), "status": res.status,
             "epochs": -1 if res.epochs_to_zero is None else int(res.epochs_to_zero),
@@ -613,7 +615,7 @@ def _run_sweep_one(cfg: OvertrainSweepConfig, store: ResultStore | None) -> list
     tracker = _Tracker(meter, run, "sweep", lambda s: s.epoch in marks)
     res = train_to_zero_error(model, task, optimizer=t.optimizer, lr=t.lr, batch_size=t.batch_size,
                               max_epochs=t.max_epochs, overtrain_epochs=max(cfg.overtrain), seed=t.run_seed,
-                              callbacks=[tracker], device="cpu")
+                              callbacks=[tracker], device=resolve_device())
     rows = [{**r, **base, "overtrain_epochs": r["epoch"], "epoch": r["epoch"] + art["epochs"],
              "status": res.status} for r in tracker.rows]
     return rows or [{**base, "status": res.status}]
