@@ -132,10 +132,13 @@ def environment_info() -> dict:
 
     import flatness
 
+    from ._device import default_device
+
+    dev = default_device()  # what the pipelines compute on ($FLATNESS_DEVICE, else CUDA when present)
     info = {"flatness_version": flatness.__version__, "torch_version": torch.__version__,
             "numpy_version": numpy.__version__, "pandas_version": pd.__version__,
             "python_version": platform.python_version(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
     try:
         import gpytorch
 
