@@ -171,6 +171,9 @@ class ChainTrackConfig(RunConfig):
 # ------------------------------------------------------------------------------------------ profiles
 _SETTINGS_PAPER = ((0.01, 20), (0.02, 20), (0.04, 20), (0.02, 8), (0.02, 32))  # authors' Figs. 1-2 design x 0.2
 _SETTINGS_CPU = ((0.1, 32), (0.2, 32), (0.3, 32), (0.2, 16), (0.2, 64))
+# Measured at cpu: at lr >= 0.2 most LeNet-5s die within 25 epochs (constant outputs, every ReLU of a layer off, an
+# infinite NMLS bound); lr (0.05, 0.1, 0.15) at batch 32, batch 16/64 at lr 0.1 for ~80 epochs is the next thing
+# to try (not run: cpu budget)
 #: Combination -> profile -> fields (``settings`` = the (lr, batch) pairs, ``seeds`` = models per setting).
 _COMBO_SPECS: dict[str, dict[str, dict]] = {
     "fnn": {
