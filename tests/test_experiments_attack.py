@@ -210,12 +210,12 @@ def _synthetic(sign=1.0, n=30, seed=0):
         for i in range(n):
             a = 50 * (i % 6)
             err = 0.1 + 0.0008 * a + rng.normal(0, 0.01)
-            rows.append(dict(panel=panel, status="converged", n_attack=a, test_error=err,
+            rows.append(dict(panel=panel, status="converged", n_attack=a, n_train=250, test_error=err,
                              log10_prior=-300 - sign * 300 * err + rng.normal(0, 2),
                              log10_prior_probit=-320 - 250 * a / 250 + rng.normal(0, 2),
                              sharpness=10 ** rng.normal(0, 1), sharpness_lbfgsb=10 ** rng.normal(0, 1),
                              hessian_norm=10 ** rng.normal(1, 0.3)))
-    rows.append(dict(panel="mnist_fcn", status="max_epochs", n_attack=0))
+    rows.append(dict(panel="mnist_fcn", status="max_epochs", n_attack=0, n_train=250))
     return pd.DataFrame(rows)
 
 

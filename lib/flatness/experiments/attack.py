@@ -506,14 +506,14 @@ def _grid(n_rows: int, panels: list[str], height: float = 3.3):
     return fig, axes
 
 
-def _colour(fig, axes, sc, label: str = "|A|") -> None:
+def _colour(fig, axes, sc, label: str = "|A| / |S|") -> None:
     if sc is not None:
         fig.colorbar(sc, ax=axes.ravel().tolist(), label=label, shrink=0.8)
 
 
 def _scatter(ax, sub: pd.DataFrame, x: str, y: str, *, logy: bool = False, xlabel: str = "", ylabel: str = "",
              title: str = ""):
-    """``y`` against ``x`` coloured by |A|, annotated with Pearson and Spearman (y on log10 when ``logy``)."""
+    """``y`` against ``x`` coloured by |A| / |S| (one scale for every panel), annotated with Pearson and Spearman (y on log10 when ``logy``)."""
     import numpy as np
 
     from ..plotting import scatter_corr
@@ -522,8 +522,7 @@ def _scatter(ax, sub: pd.DataFrame, x: str, y: str, *, logy: bool = False, xlabe
     ys = sub[y].to_numpy(dtype=float)
     if logy:
         ys = np.log10(np.where(ys > 0, ys, np.nan))
-    hue = dict(c=sub["n_attack"].to_numpy(dtype=float), cmap="viridis", vmin=0,
-               vmax=max(1.0, float(sub["n_attack"].max())) if len(sub) else 1.0)
+    hue = dict(c=(sub["n_attack"] / sub["n_train"]).to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=1)
     if (np.isfinite(xs) & np.isfinite(ys)).sum() < 3:
         ax.scatter(xs, ys, s=14, **hue)
         ax.text(0.5, 0.9, "fewer than 3 runs: no correlation", transform=ax.transAxes, ha="center", fontsize=8)
@@ -537,7 +536,7 @@ def _scatter(ax, sub: pd.DataFrame, x: str, y: str, *, logy: bool = False, xlabe
 
 def figure_fig3(df: pd.DataFrame, prior: str = "log10_prior"):
     """Zhang et al. Fig. 3 as a 2 x (panels) grid: top ``log10 P(f)`` vs test error, bottom log10 Keskar
-    sharpness (SGD ascent) vs test error; colour |A|; Pearson and Spearman with bootstrap 95% CIs in each."""
+    sharpness (SGD ascent) vs test error; colour |A| / |S|; Pearson and Spearman with bootstrap 95% CIs in each."""
     d = converged(df)
     panels = _panels_of(d)
     fig, axes = _grid(2, panels)
@@ -555,7 +554,7 @@ def figure_fig3(df: pd.DataFrame, prior: str = "log10_prior"):
 
 
 def figure_s7(df: pd.DataFrame, prior: str = "log10_prior"):
-    """Zhang et al. Fig. S7: ``log10 P(f)`` vs log10 Keskar sharpness, one panel per architecture, colour |A|."""
+    """Zhang et al. Fig. S7: ``log10 P(f)`` vs log10 Keskar sharpness, one panel per architecture, colour |A| / |S|."""
     d = converged(df)
     panels = _panels_of(d)
     fig, axes = _grid(1, panels)
@@ -570,7 +569,7 @@ def figure_s7(df: pd.DataFrame, prior: str = "log10_prior"):
 
 
 def figure_spectral_norm(df: pd.DataFrame):
-    """New panel: log10 Hessian spectral norm (Lanczos) vs test error, one panel per architecture, colour |A|."""
+    """New panel: log10 Hessian spectral norm (Lanczos) vs test error, one panel per architecture, colour |A| / |S|."""
     d = converged(df)
     panels = _panels_of(d)
     fig, axes = _grid(1, panels)
@@ -616,9 +615,10 @@ def figure_scale(df: pd.DataFrame, panel: str = "mnist_fcn"):
     for col, m, lab in (("log10_prior", "o", "EP Heaviside (paper's definition)"),
                         ("log10_prior_probit", "s", "EP probit (authors' GPy code)")):
         if col in d:
-            sc = ax.scatter(1 - d["test_error"], d[col], c=d["n_attack"], marker=m, s=16, cmap="viridis", label=lab)
+            sc = ax.scatter(1 - d["test_error"], d[col], c=d["n_attack"] / d["n_train"], marker=m, s=16,
+                            cmap="viridis", vmin=0, vmax=1, label=lab)
     if len(d):
-        fig.colorbar(sc, ax=ax, label="|A|")
+        fig.colorbar(sc, ax=ax, label="|A| / |S|")
     ax.set(xlabel="test accuracy", ylabel=r"$\log_{10} P(f)$", title=f"Scale check: {PANEL_TITLES.get(panel, panel)}")
     ax.legend(fontsize=7, loc="lower right")
     return fig
