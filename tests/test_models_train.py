@@ -136,3 +136,15 @@ def test_ensemble_loss_threshold_trains_past_zero_error():
     with torch.no_grad():
         for i in range(4):
             assert float(sigmoid_bce(thr.model(i)(x), y)) <= 1e-3 < float(sigmoid_bce(first.model(i)(x), y))
+
+
+def test_half_mse_runs_under_vmap_and_matches_one_hot():
+    import torch.nn.functional as F
+    from torch.func import vmap
+
+    from flatness.losses import half_mse
+
+    out = torch.randn(3, 5, 4, dtype=torch.float64)  # 3 stacked models, 5 examples, 4 outputs
+    y = torch.tensor([0, 3, 1, 2, 3])
+    ref = torch.stack([0.5 * (o - F.one_hot(y, 4).double()).pow(2).sum() / 5 for o in out])
+    torch.testing.assert_close(vmap(half_mse, in_dims=(0, None))(out, y), ref, rtol=0, atol=0)

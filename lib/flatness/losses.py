@@ -6,6 +6,7 @@ composes with :func:`torch.func.functional_call`, ``vmap`` and Hessian-vector pr
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,10 +29,12 @@ def half_mse(outputs: Tensor, y: Tensor) -> Tensor:
     With this normalisation the Hessian at an interpolation minimum is the Gauss-Newton matrix
     :math:`\frac1n \sum_i J_i^\top J_i`, so :math:`\operatorname{Tr} H = \frac1n \sum_i \lVert \nabla_\theta f(x_i)\rVert_F^2`,
     Chen et al.'s eq. (zloss_sharpness). ``y`` may be integer class labels ``(N,)`` (one-hot encoded when
-    there are several outputs; the target value itself for a single output) or targets ``(N, K)``.
+    there are several outputs; the target value itself for a single output) or targets ``(N, K)``. The one-hot
+    encoding is a comparison with ``arange`` (not ``F.one_hot``), so the loss also runs under ``vmap`` (stacked
+    ensembles).
     """
     if y.ndim == 1 and outputs.ndim == 2 and outputs.shape[1] > 1 and not y.is_floating_point():
-        y = F.one_hot(y, outputs.shape[1]).to(outputs.dtype)
+        y = (y.unsqueeze(-1) == torch.arange(outputs.shape[1], device=outputs.device)).to(outputs.dtype)
     return 0.5 * (outputs - y.reshape(outputs.shape).to(outputs.dtype)).pow(2).sum() / outputs.shape[0]
 
 

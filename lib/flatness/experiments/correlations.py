@@ -67,6 +67,7 @@ import pandas as pd
 import torch
 
 from .._checks import check_choice
+from ..losses import half_mse
 from ..results import ResultStore, config_key
 from ..runs import RunConfig, param, run_sweep, trained, with_overrides
 
@@ -299,14 +300,9 @@ def track_config(profile: str, **overrides) -> ChainTrackConfig:
 
 
 # --------------------------------------------------------------------------------------------- data
-def mse_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r"""Half squared error against one-hot targets, :math:`\frac1{2n}\sum_i\lVert f(x_i) - e_{y_i}\rVert^2`.
-
-    :func:`flatness.losses.half_mse` for integer labels, written with a comparison instead of
-    ``one_hot`` so that it runs under ``vmap`` (stacked ensembles). ``y`` ``(N,)`` class indices.
-    """
-    onehot = (y.unsqueeze(-1) == torch.arange(outputs.shape[-1], device=outputs.device)).to(outputs.dtype)
-    return 0.5 * (outputs - onehot).pow(2).sum() / outputs.shape[0]
+#: The loss of every model here: :func:`flatness.losses.half_mse`,
+#: :math:`\frac1{2n}\sum_i\lVert f(x_i) - e_{y_i}\rVert^2` for class indices ``y`` ``(N,)`` (vmap-safe).
+mse_loss = half_mse
 
 
 _DATA_CACHE: dict = {}
