@@ -497,3 +497,21 @@ def test_measurement_sweep_reuses_trained_weights(tmp_path):
     assert len(more) == 6 and store.artifact_keys() == {config_key(TrainCfg(seed=s)) for s in range(3)}
     np.testing.assert_allclose(more.loc[more.zeta == 1e-2, "sharp"].to_numpy(),
                                10 * more.loc[more.zeta == 1e-3, "sharp"].to_numpy(), rtol=1e-5)
+
+
+def test_worker_pool_single_threaded_processes_and_checks():
+    import os
+
+    import torch
+
+    from flatness.runs import worker_pool
+
+    with worker_pool(None) as none, worker_pool(1) as one:
+        assert none is None and one is None
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="worker_pool: workers="):
+            with worker_pool(bad):
+                pass
+    with worker_pool(2) as pool:
+        threads, pid = pool.submit(torch.get_num_threads).result(), pool.submit(os.getpid).result()
+    assert threads == 1 and pid != os.getpid()

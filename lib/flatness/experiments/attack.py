@@ -51,7 +51,7 @@ import torch
 from .._checks import check_choice
 from ..losses import sigmoid_bce
 from ..results import ResultStore
-from ..runs import RunConfig, config_key, param, run_sweep, trained, with_overrides
+from ..runs import RunConfig, config_key, param, run_sweep, trained, with_overrides, worker_pool
 
 __all__ = ["AttackTrainConfig", "AttackRunConfig", "PANELS", "PROFILES", "STORE_NAME", "WORKERS", "configs", "run",
            "run_all", "ROW_COLUMNS", "PAIRS", "PANEL_TITLES", "PAPER_SCALE", "converged", "correlations",
@@ -389,10 +389,6 @@ def _cost(cfg: AttackRunConfig) -> float:
     return per_image * _IN_FEATURES[t.dataset] / 784 * (t.n_train + t.n_attack)
 
 
-def _one_thread_worker() -> None:
-    torch.set_num_threads(1)
-
-
 def run_all(cfgs: list[AttackRunConfig], store: ResultStore, *, executor=None, workers: int | None = None,
             progress: bool = True) -> pd.DataFrame:
     """Every run of ``cfgs`` on :func:`flatness.runs.run_sweep` (resumable; only missing runs are computed).
@@ -413,21 +409,11 @@ def run_all(cfgs: list[AttackRunConfig], store: ResultStore, *, executor=None, w
     """
     from functools import partial
 
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"run_all: workers={workers!r}; expected a positive integer or None")
     order = sorted(cfgs, key=_cost, reverse=True)
-    own = None
-    if executor is None and workers is not None and workers > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        own = executor = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                                initializer=_one_thread_worker)
-    try:
-        table = run_sweep(partial(run, store=store), order, store, executor=executor, progress=progress)
-    finally:
-        if own is not None:
-            own.shutdown()
+    with worker_pool(workers if executor is None else None) as pool:
+        table = run_sweep(partial(run, store=store), order, store, executor=executor or pool, progress=progress)
     if len(table):
         rank = {config_key(c): i for i, c in enumerate(cfgs)}
         table = (table.assign(_rank=table["key"].map(rank)).sort_values("_rank", kind="stable")

@@ -50,7 +50,7 @@ import torch
 
 from .._checks import check_choice
 from ..results import ResultStore, config_key
-from ..runs import RunConfig, param, run_sweep, trained, with_overrides
+from ..runs import RunConfig, param, run_sweep, trained, with_overrides, worker_pool
 
 __all__ = ["DynamicsConfig", "PROFILES", "SETTINGS", "STORE_NAME", "ROW_COLUMNS", "METRICS", "configs", "run",
            "run_all", "late_phase", "late_phase_spearman", "final_values", "ordering", "figure_dynamics",
@@ -319,13 +319,17 @@ def run(cfg: DynamicsConfig, store: ResultStore | None = None, *, device=None, p
     return rows
 
 
-def run_all(cfgs: list[DynamicsConfig], store: ResultStore, *, executor=None, progress: bool = True) -> pd.DataFrame:
+def run_all(cfgs: list[DynamicsConfig], store: ResultStore, *, executor=None, workers: int | None = None,
+            progress: bool = True) -> pd.DataFrame:
     """Every run of ``cfgs`` on :func:`flatness.runs.run_sweep` (resumable: only missing runs are computed; a
-    killed run resumes from its last checkpoint). ``executor``: e.g. a ``ProcessPoolExecutor`` with one worker
-    per core (the runs are independent), or a Dask client."""
+    killed run resumes from its last checkpoint). ``executor``: a ``concurrent.futures`` executor or a Dask
+    client; without one, ``workers`` single-threaded local processes (:func:`flatness.runs.worker_pool`; ``None``
+    or 1: in this process). The runs are independent and submitted longest first, so workers end together."""
     cfgs = list(cfgs)
-    todo = sorted(cfgs, key=lambda c: -c.iterations * c.batch_size)  # the longest first: workers end together
-    df = run_sweep(functools.partial(run, store=store), todo, store, executor=executor, progress=progress)
+    todo = sorted(cfgs, key=lambda c: -c.iterations * c.batch_size)
+    with worker_pool(workers if executor is None else None) as pool:
+        df = run_sweep(functools.partial(run, store=store), todo, store, executor=executor or pool,
+                       progress=progress)
     if not len(df):
         return df
     order = {config_key(c): i for i, c in enumerate(cfgs)}

@@ -10,6 +10,7 @@ measurements with :func:`trained`.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,9 +23,45 @@ import pandas as pd
 
 from ..results import ResultStore, config_key
 
-__all__ = ["run_sweep", "trained", "batch_groups", "DASK_SCHEDULER_ENV"]
+__all__ = ["run_sweep", "trained", "batch_groups", "worker_pool", "DASK_SCHEDULER_ENV"]
 
 DASK_SCHEDULER_ENV = "FLATNESS_DASK_SCHEDULER"
+
+
+# --------------------------------------------------------------------------------------- local pools
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int | None):
+    """A local executor for :func:`run_sweep`: ``workers`` single-threaded worker processes (``spawn``).
+
+    Small networks gain little from intra-op threads: on 2 cores two one-thread runs side by side finish sooner
+    than one run on two threads. ``None`` or 1 yields ``None`` (run in this process). The pool is shut down on exit.
+
+    Example::
+
+        with worker_pool(2) as pool:
+            table = run_sweep(fn, cfgs, store, executor=pool)
+
+    Raises:
+        ValueError: ``workers`` is not a positive integer or ``None``.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"worker_pool: workers={workers!r}; expected a positive integer or None")
+    if workers is None or workers == 1:
+        yield None
+        return
+    import multiprocessing as mp
+
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
 
 
 # --------------------------------------------------------------------------------------- worker side
