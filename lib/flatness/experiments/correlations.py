@@ -67,6 +67,7 @@ import pandas as pd
 import torch
 
 from .._checks import check_choice
+from .._device import resolve_device
 from ..losses import half_mse
 from ..results import ResultStore, config_key
 from ..runs import RunConfig, param, run_sweep, trained, with_overrides
@@ -368,7 +369,7 @@ def _train_one(t: CorrTrainConfig) -> dict:
     x, y = _split(t, "train", t.n_train)
     t0 = time.perf_counter()
     res = train_to_zero_error(_init(t), (x, y), optimizer="sgd", lr=t.lr, batch_size=t.batch_size,
-                              max_epochs=t.max_epochs, seed=t.run_seed, loss_fn=mse_loss, device="cpu")
+                              max_epochs=t.max_epochs, seed=t.run_seed, loss_fn=mse_loss, device=resolve_device())
     ez = -1 if res.epochs_to_zero is None else int(res.epochs_to_zero)
     return _artifact(res.model, res.status, int(res.history["epoch"].iloc[-1]), ez, time.perf_counter() - t0)
 
@@ -382,7 +383,7 @@ def _train_many(ts: list[CorrTrainConfig], progress: bool = False) -> list[dict]
     start = time.perf_counter()
     ens = train_ensemble_to_zero_error([_init(t) for t in ts], (x, y), lr=t0.lr, batch_size=t0.batch_size,
                                        max_epochs=t0.max_epochs, seeds=[t.run_seed for t in ts], loss_fn=mse_loss,
-                                       device="cpu", progress=progress)
+                                       device=resolve_device(), progress=progress)
     seconds = (time.perf_counter() - start) / len(ts)
     last = ens.history.groupby("model")["epoch"].max() if len(ens.history) else {}
     return [_artifact(ens.model(i), ens.status[i], int(last[i]) if i in last else 0, int(ens.epochs_to_zero[i]),
@@ -410,10 +411,11 @@ def _measure(cfg: CorrRunConfig, art: dict) -> dict:
         return row
     model = _init(t)
     model.load_state_dict(art["state_dict"])
-    model.eval()
+    dev = resolve_device()  # $FLATNESS_DEVICE, else CUDA when present; the data follow the model
+    model.to(dev).eval()
     row["n_params"] = sum(p.numel() for p in model.parameters())
-    xtr, ytr = _split(t, "train", t.n_train)
-    xte, yte = _split(t, "test", t.n_test)
+    xtr, ytr = (v.to(dev) for v in _split(t, "train", t.n_train))
+    xte, yte = (v.to(dev) for v in _split(t, "test", t.n_test))
     row["train_loss"], row["train_accuracy"] = _loss_acc(model, xtr, ytr)
     row["test_loss"], row["test_accuracy"] = _loss_acc(model, xte, yte)
     row["train_error"] = 1.0 - row["train_accuracy"] / 100.0
@@ -525,7 +527,8 @@ def track_chain(cfg: ChainTrackConfig) -> list[dict]:
     if t.combo != "fnn":
         raise ValueError(f"track_chain: train.combo={t.combo!r}; the chain needs a Linear first layer: 'fnn'")
     x, y = _split(t, "train", t.n_train)
-    xm, ym = x[: min(cfg.n_measure, t.n_train)], y[: min(cfg.n_measure, t.n_train)]
+    dev = resolve_device()  # training and the chain measurements on the default device
+    xm, ym = x[: min(cfg.n_measure, t.n_train)].to(dev), y[: min(cfg.n_measure, t.n_train)].to(dev)
 
     def chain(model, data) -> dict:
         tr = float(hessian_trace(model, None, (xm, ym), method="gauss_newton").value)
@@ -536,7 +539,7 @@ def track_chain(cfg: ChainTrackConfig) -> list[dict]:
 
     # a loss threshold no run reaches: train all cfg.epochs epochs (past zero error), as the authors' fixed budget
     res = train_to_zero_error(_init(t), (x, y), optimizer="sgd", lr=t.lr, batch_size=t.batch_size,
-                              max_epochs=cfg.epochs, seed=t.run_seed, loss_fn=mse_loss, device="cpu",
+                              max_epochs=cfg.epochs, seed=t.run_seed, loss_fn=mse_loss, device=dev,
                               loss_threshold=1e-30, callbacks=[Track(chain, every=cfg.every)])
     h = res.history.dropna(subset=["A"])
     cols = ["epoch", "step", "loss", "train_error", "A", "A_fro", "B", "C", "D", "B_all", "C_all", "D_all",
@@ -642,7 +645,8 @@ def correlations(df: pd.DataFrame, pairs, method: str = "pearson", n_boot: int =
 
 def stacking_speedup(t: CorrTrainConfig, n_models: int = 8, epochs: int = 1) -> dict:
     """Wall time of training ``n_models`` seeds of ``t`` for ``epochs`` epochs one after another
-    (:func:`flatness.train.train_to_zero_error`) and as one stacked ensemble; the speed-up is their ratio.
+    (:func:`flatness.train.train_to_zero_error`) and as one stacked ensemble, both on the CPU (the timing is a
+    CPU benchmark; ``threads`` is torch's thread count); the speed-up is their ratio.
 
     Both run the same models on the same mini-batches (zero error is not reached in so few epochs, so both do
     the same number of steps); a check of the final parameters' agreement is returned too (``max_abs_diff``).
