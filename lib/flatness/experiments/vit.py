@@ -203,7 +203,7 @@ class OnlineRunConfig(RunConfig):
     image_seed: int = param(0, min=0)  # which images
     pretrained: bool = param(True)  # False: random weights (tests)
     model_kwargs: tuple = param(())  # extra create_model kwargs as (name, value) pairs (tests)
-    device: str | None = param(None)  # None: CUDA when available
+    device: str | None = param(None)  # None: the default device ($FLATNESS_DEVICE, else CUDA when available)
     metrics: MetricConfig = param(default_factory=MetricConfig)
 
 

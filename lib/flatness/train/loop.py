@@ -212,7 +212,9 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
         eval_every: evaluate the full losses and errors (the history row, the stop rule, the full-loss and
             parameter divergence checks, and the epoch callbacks) only after every ``eval_every``-th epoch, and
             after the last one (a callback's stop, or divergence); the mini-batch divergence check still runs
-            every step. ``1`` (default): every epoch. Long runs tracked per step (``Track(on="step")``) use it
+            every step. ``1`` (default): every epoch. With ``eval_every > 1`` zero error is only seen at
+            evaluated epochs, so ``epochs_to_zero`` and the start of over-training are the first *evaluated*
+            epoch with zero error (up to ``eval_every - 1`` epochs late). Long runs tracked per step (``Track(on="step")``) use it
             to skip full-data passes they do not need: on a CPU one forward pass over the training set costs
             as much as a third to a whole epoch of training (Chen et al.'s small VGG, batch 20).
     Returns:
