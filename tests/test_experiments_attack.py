@@ -134,7 +134,7 @@ def test_second_run_all_computes_nothing_and_remeasuring_does_not_retrain(tiny_s
     assert again.drop(columns=[c for c in again.columns if c.startswith("_")], errors="ignore") \
         .equals(table.drop(columns=[c for c in table.columns if c.startswith("_")], errors="ignore"))
     monkeypatch.undo()
-    monkeypatch.setattr(A, "_train_one", boom)  # a new box size re-measures the saved weights
+    monkeypatch.setattr(A, "train_network", boom)  # a new box size re-measures the saved weights
     wider = cfg.replace(zeta=1e-3)
     (row,) = A.run(wider, store)
     assert wider.train == cfg.train and row["status"] == "converged" and row["sharpness"] >= 0

@@ -142,7 +142,7 @@ def test_sweep_reuses_notebook_02_weights_and_continues(tmp_path):
     (cfg,) = O.sweep_configs(s, "smoke")
     cfg = with_overrides(cfg, measure=FAST)
     st02 = ResultStore(A.STORE_NAME, root=root)
-    st02.save_artifact(config_key(cfg.train), O._train_attack(cfg.train))
+    st02.save_artifact(config_key(cfg.train), A.train_network(cfg.train))
     store = ResultStore(O.STORE_NAME, root=root)
     df = O.run_all([cfg], store, progress=False)
     assert list(df.overtrain_epochs) == [0, 3] and set(df.weights_from) == {A.STORE_NAME}

@@ -49,13 +49,15 @@ import pandas as pd
 import torch
 
 from .._checks import check_choice
+from .._device import resolve_device
 from ..losses import sigmoid_bce
 from ..results import ResultStore
 from ..runs import RunConfig, config_key, param, run_sweep, trained, with_overrides, worker_pool
 
 __all__ = ["AttackTrainConfig", "AttackRunConfig", "PANELS", "PROFILES", "STORE_NAME", "WORKERS", "configs", "run",
-           "run_all", "ROW_COLUMNS", "PAIRS", "PANEL_TITLES", "PAPER_SCALE", "converged", "correlations",
-           "scale_table", "figure_fig3", "figure_s7", "figure_spectral_norm", "figure_scale", "claim_results"]
+           "run_all", "train_network", "ROW_COLUMNS", "PAIRS", "PANEL_TITLES", "PAPER_SCALE", "converged",
+           "correlations", "scale_table", "figure_fig3", "figure_s7", "figure_spectral_norm", "figure_scale",
+           "claim_results"]
 
 STORE_NAME = "02_attack"  #: ``ResultStore(STORE_NAME, results/<profile>)``
 _IN_FEATURES = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072}
@@ -242,13 +244,18 @@ def _init(t: AttackTrainConfig, seed: int | None = None) -> torch.nn.Module:
     return build(t.model, seed=s, sigma_b=t.sigma_b)
 
 
-def _train_one(t: AttackTrainConfig) -> dict:
-    """Train one network on S ∪ A until zero error on S; the artifact: weights and outcome at that epoch."""
+def train_network(t: AttackTrainConfig) -> dict:
+    """Train one network on S ∪ A until zero error on S (protocol step 2), on the default device.
+
+    Returns the artifact that :func:`run` saves under ``config_key(t)`` (notebooks 03 and 04 load or continue it):
+    ``state_dict`` (CPU tensors once saved), ``status``, ``epochs`` (the first zero-error epoch, -1 if none),
+    ``train_error``, ``attack_error``, ``test_error``, ``train_loss`` at that epoch and ``seconds``.
+    """
     from ..train import train_to_zero_error
 
     t0 = time.perf_counter()
     res = train_to_zero_error(_init(t), _task(t), optimizer=t.optimizer, lr=t.lr, batch_size=t.batch_size,
-                              max_epochs=t.max_epochs, seed=t.run_seed, device="cpu")
+                              max_epochs=t.max_epochs, seed=t.run_seed, device=resolve_device())
     last = res.final
     return {"state_dict": res.model.state_dict(), "status": res.status,
             "epochs": -1 if res.epochs_to_zero is None else int(res.epochs_to_zero),
@@ -262,7 +269,8 @@ def _predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Labels 1{f(x) > 0} in eval mode (batched), the model left in eval mode."""
     model.eval()
     with torch.no_grad():
-        return torch.cat([(model(xb).reshape(len(xb)) > 0).long() for xb in x.split(512)])
+        dev = next(model.parameters()).device
+        return torch.cat([(model(xb.to(dev)).reshape(len(xb)) > 0).long().cpu() for xb in x.split(512)])
 
 
 @dataclass(frozen=True)
@@ -343,6 +351,7 @@ def _measure(cfg: AttackRunConfig, art: dict, store: ResultStore | None = None) 
                seconds_train=float(art.get("seconds", math.nan)))
     model = _init(t)
     model.load_state_dict(art["state_dict"])
+    model.to(resolve_device())  # the measurements follow the model; kernels and EP stay on the CPU
     row["n_params"] = sum(p.numel() for p in model.parameters())
     if art["status"] != "converged":
         return row
@@ -378,7 +387,7 @@ def run(cfg: AttackRunConfig, store: ResultStore | None = None) -> list[dict]:
 
     A run that diverges or reaches ``max_epochs`` is a row with that ``status`` and NaN measurements.
     """
-    art = trained(store, cfg.train, _train_one) if store is not None else _train_one(cfg.train)
+    art = trained(store, cfg.train, train_network) if store is not None else train_network(cfg.train)
     return [_measure(cfg, art, store)]
 
 
@@ -409,8 +418,6 @@ def run_all(cfgs: list[AttackRunConfig], store: ResultStore, *, executor=None, w
     """
     from functools import partial
 
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"run_all: workers={workers!r}; expected a positive integer or None")
     order = sorted(cfgs, key=_cost, reverse=True)
     with worker_pool(workers if executor is None else None) as pool:
         table = run_sweep(partial(run, store=store), order, store, executor=executor or pool, progress=progress)

@@ -564,34 +564,17 @@ def _run_probe(cfg: AlphaProbeConfig, store: ResultStore | None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- the sweep
-def _train_attack(t: _attack.AttackTrainConfig) -> dict:
-    """Notebook 02's training protocol for an FCN (train on S ∪ A until zero error on S), from public pieces."""
-    from ..data import binary_task
-    from ..train import train_to_zero_error
-
-    task = binary_task(t.dataset, t.n_train, t.n_attack, t.n_test, seed=t.draw, source=t.source)
-    res = train_to_zero_error(_fcn(t.widths, t.sigma_w, t.sigma_b, t.run_seed), task, optimizer=t.optimizer,
-                              lr=t.lr, batch_size=t.batch_size, max_epochs=t.max_epochs, seed=t.run_seed,
-                              device=resolve_device())
-    last = res.final
-    return {"state_dict": res.model.state_dict(), "status": res.status,
-            "epochs": -1 if res.epochs_to_zero is None else int(res.epochs_to_zero),
-            "train_error": float(last.get("train_error", math.nan)),
-            "attack_error": float(last.get("attack_error", math.nan)),
-            "test_error": float(last.get("test_error", math.nan)), "train_loss": float(last.get("loss", math.nan))}
-
-
 def _attack_weights(t: _attack.AttackTrainConfig, store: ResultStore | None) -> tuple[dict, str]:
     """Notebook 02's artifact for ``t``: from this store, from notebook 02's store beside it, else trained here."""
     if store is None:
-        return _train_attack(t), "trained"
+        return _attack.train_network(t), "trained"
     key = config_key(t)
     if store.has_artifact(key):
         return store.load_artifact(key), store.name
     other = ResultStore(_attack.STORE_NAME, root=store.path.parent)
     if other.has_artifact(key):
         return other.load_artifact(key), other.name
-    art = _train_attack(t)
+    art = _attack.train_network(t)
     store.save_artifact(key, art)
     return art, "trained"
 
