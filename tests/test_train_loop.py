@@ -426,3 +426,13 @@ def test_eval_every_skips_full_passes_but_not_the_trajectory():
     assert short.history["epoch"].tolist() == [0, 2, 3] and short.status == "max_epochs"  # the last epoch too
     with pytest.raises(ValueError, match="eval_every"):
         train_to_zero_error(FCN((5, 16, 1), seed=0), task, eval_every=0)
+
+
+def test_labels_outside_the_classes_raise_before_training():
+    from flatness.losses import half_mse
+    from flatness.train import train_to_zero_error
+
+    model = torch.nn.Linear(3, 4)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 4, 1])  # 4 outputs, a label 4
+    with pytest.raises(ValueError, match="train_to_zero_error"):
+        train_to_zero_error(model, (x, y), loss_fn=half_mse, max_epochs=1)

@@ -31,7 +31,8 @@ def half_mse(outputs: Tensor, y: Tensor) -> Tensor:
     Chen et al.'s eq. (zloss_sharpness). ``y`` may be integer class labels ``(N,)`` (one-hot encoded when
     there are several outputs; the target value itself for a single output) or targets ``(N, K)``. The one-hot
     encoding is a comparison with ``arange`` (not ``F.one_hot``), so the loss also runs under ``vmap`` (stacked
-    ensembles).
+    ensembles); a label outside ``[0, K)`` therefore gives an all-zero target instead of an error (the trainers
+    check labels before training: ``flatness._checks.check_labels``).
     """
     if y.ndim == 1 and outputs.ndim == 2 and outputs.shape[1] > 1 and not y.is_floating_point():
         y = (y.unsqueeze(-1) == torch.arange(outputs.shape[1], device=outputs.device)).to(outputs.dtype)

@@ -50,6 +50,7 @@ import torch
 
 from .._checks import check_choice
 from ..results import ResultStore, config_key
+from ..losses import half_mse
 from ..runs import RunConfig, param, run_sweep, trained, with_overrides, worker_pool
 
 __all__ = ["DynamicsConfig", "PROFILES", "SETTINGS", "STORE_NAME", "ROW_COLUMNS", "METRICS", "configs", "run",
@@ -201,15 +202,16 @@ def _track_indices(n_train: int, n_track: int) -> torch.Tensor:
 
 
 def _loss_fn(name: str, k: int):
-    """``half_mse`` (vmap-safe one-hot) or torch's ``MSELoss`` (mean over the N x k entries)."""
-    scale = 1.0 if name == "half_mse" else 2.0 / k
+    """:func:`~flatness.losses.half_mse`, or torch's ``MSELoss`` (the mean over the N x k entries: 2/k of it)."""
+    if name == "half_mse":
+        return half_mse
+    scale = 2.0 / k
 
-    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        target = (y.reshape(-1, 1) == torch.arange(out.shape[1], device=out.device)).to(out.dtype)
-        return scale * 0.5 * (out - target).pow(2).sum() / out.shape[0]
+    def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return scale * half_mse(out, y)
 
-    loss.__name__ = name
-    return loss
+    mse.__name__ = name
+    return mse
 
 
 def _init(cfg: DynamicsConfig) -> torch.nn.Module:

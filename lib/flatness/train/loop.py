@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_data, check_int, check_positive
+from .._checks import check_choice, check_data, check_int, check_labels, check_positive
 from .._device import resolve_device
 from .._modes import eval_mode
 from ..losses import sigmoid_bce, zero_one_error
@@ -241,6 +241,9 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     test = tuple(t.to(device) for t in test) if test is not None and len(test[0]) else None
     fit_x = train[0] if attack is None else torch.cat([train[0], attack[0]])
     fit_y = train[1] if attack is None else torch.cat([train[1], attack[1]])
+    with torch.no_grad(), eval_mode(model):  # labels valid for the loss (e.g. classes in [0, K) for half_mse)
+        out1 = model(fit_x[:1])
+    check_labels(fn, loss_fn, fit_y, int(out1.shape[-1]) if out1.ndim >= 2 else 1)
     n = len(fit_x)
     full_batch = isinstance(optimizer, str) and getattr(OPTIMIZERS[optimizer], "full_batch", optimizer == "gd")
     bs = n if (batch_size is None or full_batch) else min(batch_size, n)
