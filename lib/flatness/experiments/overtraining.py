@@ -61,10 +61,10 @@ from . import attack as _attack
 
 __all__ = ["STORE_NAME", "ROW_COLUMNS", "MeasureConfig", "StudyConfig", "TemporalPrefixConfig", "TemporalRunConfig",
            "AlphaProbeConfig", "OvertrainSweepConfig", "PROFILES", "study", "configs", "temporal_configs",
-           "probe_configs", "sweep_configs", "run", "run_all", "choose_small_alpha", "overtrain_correlations",
-           "claim_function_constant", "claim_rescale_invariance", "claim_relaxation", "claim_overtrain_correlation",
-           "figure_temporal", "figure_zeta", "figure_hessian", "figure_long_run", "figure_overtrain_scatter",
-           "figure_overtrain_spearman"]
+           "probe_configs", "sweep_configs", "run", "run_all", "zero_error_epoch", "choose_small_alpha",
+           "overtrain_correlations", "claim_function_constant", "claim_rescale_invariance", "claim_relaxation",
+           "claim_overtrain_correlation", "figure_temporal", "figure_zeta", "figure_hessian", "figure_long_run",
+           "figure_overtrain_scatter", "figure_overtrain_spearman"]
 
 STORE_NAME = "04_overtraining"  #: ``ResultStore(STORE_NAME, results/<profile>)``
 _IN_FEATURES = {"mnist": 784, "fashion_mnist": 784}
@@ -644,8 +644,18 @@ def _rescale_epoch(run: pd.DataFrame) -> int | None:
     return int(hit["epoch"].iloc[0]) if len(hit) else None
 
 
+def zero_error_epoch(run: pd.DataFrame) -> int | None:
+    """The first zero-error epoch of a temporal run's rows (``zero_error_epoch`` column); ``None`` if never reached."""
+    z = run["zero_error_epoch"].dropna() if "zero_error_epoch" in run.columns else run.iloc[:0]
+    return int(z.iloc[0]) if len(z) else None
+
+
 def _zero_epoch(run: pd.DataFrame) -> int:
-    return int(run["zero_error_epoch"].dropna().iloc[0])
+    z = zero_error_epoch(run)
+    if z is None:
+        raise ValueError("04_overtraining: the run never reached zero training error (no zero_error_epoch); "
+                         "its claims cannot be evaluated")
+    return z
 
 
 def claim_function_constant(run: pd.DataFrame, window: int = 400) -> dict:

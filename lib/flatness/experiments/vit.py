@@ -61,10 +61,9 @@ from ..runs import RunConfig, param, run_sweep, trained, with_overrides
 
 __all__ = ["ARCHS", "RECIPES", "PROFILES", "STORE_NAME", "ROW_COLUMNS", "ONLINE_PATTERN", "MetricConfig",
            "VitTrainConfig", "OfflineRunConfig", "OnlineRunConfig", "configs", "online_configs",
-           "online_model_names", "imagenet_images", "build_arch", "trained_model", "uncache_attention_biases",
-           "sigmoid_sum_mse",
-           "run", "run_all", "family_correlations", "claim_positive_overall", "claim_within_families",
-           "figure_fig4", "figure_estimator", "FAMILY_COLORS"]
+           "online_model_names", "imagenet_images", "cifar_pair", "build_arch", "trained_model",
+           "uncache_attention_biases", "sigmoid_sum_mse", "run", "run_all", "family_correlations",
+           "claim_positive_overall", "claim_within_families", "figure_fig4", "figure_estimator", "FAMILY_COLORS"]
 
 STORE_NAME = "07_vit"  #: ``ResultStore(STORE_NAME, results/<profile>)``
 ONLINE_PATTERN = "*vit*"  #: the authors' ``timm.list_models(f"*{args.model}*", pretrained=True)`` with ``vit``
@@ -372,8 +371,9 @@ def sigmoid_sum_mse(logits: Tensor, y: Tensor) -> Tensor:
     return (torch.sigmoid(logits) - target).pow(2).sum(-1).mean()
 
 
-def _cifar(split: str, n: int, source: str, seed: int) -> tuple[Tensor, Tensor]:
-    """Balanced airplane (0) vs automobile (1) images, normalised with the CIFAR-10 mean and std."""
+def cifar_pair(split: str, n: int, source: str = "embedded", seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` balanced airplane (0) vs automobile (1) images of ``split`` (seeded), normalised with the CIFAR-10 mean
+    and std: the offline zoo's data, ``(n, 3, 32, 32)`` and labels ``(n,)``."""
     from ..data import load_dataset
 
     d = load_dataset("cifar10", split, source=source)
@@ -443,7 +443,7 @@ def _train_one(t: VitTrainConfig) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(None)
     model = build_arch(t.arch, seed=t.run_seed).to(device)
-    x, y = _cifar("train", t.n_train, t.source, seed=0)
+    x, y = cifar_pair("train", t.n_train, t.source, seed=0)
     x, y = x.to(device), y.to(device)
     opt = make_optimizer(t.optimizer, model.parameters(), lr=t.lr,
                          **({"weight_decay": t.weight_decay} if t.weight_decay else {}))
@@ -540,8 +540,8 @@ def _run_offline(cfg: OfflineRunConfig, store: ResultStore | None) -> dict:
     if art["status"] != "trained":
         row["reason"] = "training diverged (non-finite loss or weights)"
         return row
-    xtr, ytr = _cifar("train", t.n_train, t.source, seed=0)
-    xte, yte = _cifar("test", t.n_test, t.source, seed=0)
+    xtr, ytr = cifar_pair("train", t.n_train, t.source, seed=0)
+    xte, yte = cifar_pair("test", t.n_test, t.source, seed=0)
     row["train_accuracy"] = _accuracy(model, xtr.to(device), ytr.to(device))
     row["test_accuracy"] = _accuracy(model, xte.to(device), yte.to(device))
     n = min(m.n_inputs, len(xtr))
