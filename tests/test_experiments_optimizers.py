@@ -10,7 +10,7 @@ import pytest
 from flatness.experiments import attack as A
 from flatness.experiments import optimizers as O
 from flatness.results import ResultStore
-from flatness.runs import config_key
+from flatness.runs import config_key, with_overrides
 from flatness.train.optim import optimizer_defaults
 
 TINY = dict(n_train=30, n_test=30, sharpness_epochs=2, lbfgsb=False, probit=False, max_epochs=300)
@@ -37,6 +37,32 @@ def test_sgd_configs_are_notebook_02s_so_rows_are_shared():
     ours = {config_key(c.run) for c in O.configs("cpu", optimizers="sgd")}
     theirs = {config_key(c) for c in A.configs("cpu")}
     assert ours <= theirs
+
+
+def test_optimizer_args_are_validated_keyed_only_when_set_and_reach_the_optimizer(monkeypatch):
+    base = A.configs("cpu", "mnist_fcn")[0].train
+    assert base.optimizer_args == () and base.optimizer_kwargs() == {}
+    es = with_overrides(base, optimizer="entropy_sgd", optimizer_args=[["L", 5]])
+    assert es.optimizer_kwargs() == {"L": 5} and isinstance(es.optimizer_kwargs()["L"], int)
+    assert config_key(es) != config_key(with_overrides(base, optimizer="entropy_sgd"))
+    with pytest.raises(ValueError, match="optimizer_args name 'L' is not a hyper-parameter of optimizer='sgd'"):
+        with_overrides(base, optimizer_args=[["L", 5]])
+    with pytest.raises(ValueError, match="lr is the lr field"):
+        with_overrides(base, optimizer="adam", optimizer_args=[["lr", 0.1]])
+    with pytest.raises(ValueError, match="must be finite"):
+        with_overrides(base, optimizer="entropy_sgd", optimizer_args=[["gamma", float("nan")]])
+    with pytest.raises(ValueError, match="twice"):
+        with_overrides(base, optimizer="entropy_sgd", optimizer_args=[["L", 5], ["L", 6]])
+    seen = {}
+
+    def fake(model, task, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("flatness.train.train_to_zero_error", fake)
+    with pytest.raises(RuntimeError, match="stop here"):
+        A.train_network(with_overrides(es, n_train=10, n_test=10))
+    assert seen["optimizer"] == "entropy_sgd" and seen["optimizer_kwargs"] == {"L": 5}
 
 
 @pytest.mark.parametrize("kw, match", [

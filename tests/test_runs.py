@@ -190,6 +190,32 @@ def test_config_key_covers_class_name_and_version(monkeypatch):
         config_key([1, 2])
 
 
+def test_field_added_with_key_at_default_false_keeps_the_stored_keys():
+    @dataclass(frozen=True)
+    class Cfg(RunConfig):
+        lr: float = param(0.1, positive=True)
+
+    old = config_key(Cfg())
+
+    @dataclass(frozen=True)
+    class Cfg(RunConfig):  # noqa: F811 -- the same class, a field added later
+        lr: float = param(0.1, positive=True)
+        extra: tuple[tuple[str, float], ...] = param((), key_at_default=False)
+        keyed: int = param(0)
+
+    assert config_key(Cfg(keyed=1)) != old
+    assert config_key(Cfg()) != old, "a plain new field is keyed even at its default"
+
+    @dataclass(frozen=True)
+    class Cfg(RunConfig):  # noqa: F811
+        lr: float = param(0.1, positive=True)
+        extra: tuple[tuple[str, float], ...] = param((), key_at_default=False)
+
+    assert config_key(Cfg()) == old, "at its default the field is left out of the key"
+    assert config_key(Cfg(extra=(("L", 5.0),))) != old, "a non-default value is keyed"
+    assert with_overrides(Cfg(), extra='[["L", 5]]').extra == (("L", 5.0),)
+
+
 def test_batch_groups_over_batch_fields():
     cfgs = grid(TrainCfg(), lr=[0.1, 0.2], seed=range(3), draw=range(2))
     groups = batch_groups(cfgs)

@@ -92,10 +92,19 @@ def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
 
 
+def _is_default(f: dataclasses.Field, value) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return value == f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return value == f.default_factory()
+    return False
+
+
 def _key_payload(obj):
     """What :func:`config_key` hashes: dataclasses carry their class name and ``VERSION``, recursively."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: _key_payload(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: _key_payload(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+               if not (f.metadata.get("key_at_default") is False and _is_default(f, getattr(obj, f.name)))}
         out["__class__"] = type(obj).__qualname__
         version = getattr(type(obj), "VERSION", None)
         if version is not None:
@@ -114,7 +123,8 @@ def config_key(config) -> str:
     For a dict the order of keys does not matter. For a dataclass (e.g. a :class:`flatness.runs.RunConfig`)
     the hash covers its fields, its class name and its class-level ``VERSION``, recursively through nested
     dataclass fields: bumping ``VERSION`` (when the code's results change) gives every config a new key, so
-    old rows and artifacts are no longer taken as done.
+    old rows and artifacts are no longer taken as done. A field declared ``param(..., key_at_default=False)``
+    is left out while it holds its default (a field added later keeps the stored keys).
 
     Raises:
         TypeError: ``config`` is neither a dict nor a dataclass instance.

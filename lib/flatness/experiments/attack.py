@@ -94,6 +94,36 @@ class AttackTrainConfig(RunConfig):
     batch_size: int = param(32, min=1)  # 32 for FCNs, 128 for ResNets
     max_epochs: int = param(50_000, min=1)  # the authors' cap
     seed: int = param(0, min=0)
+    #: extra hyper-parameters of the optimizer as (name, value) pairs, e.g. (("L", 5),) for Entropy-SGD; names
+    #: from :func:`flatness.train.optim.optimizer_defaults` (not ``lr``). Keyed only when set, so the keys of
+    #: runs stored before the field existed are unchanged.
+    optimizer_args: tuple[tuple[str, float], ...] = param((), key_at_default=False)
+
+    def validate(self) -> None:
+        super().validate()
+        from ..train.optim import optimizer_defaults
+
+        where = type(self).__name__
+        if not self.optimizer_args:
+            return
+        allowed = sorted(k for k in optimizer_defaults(self.optimizer) if k != "lr")
+        names = [name for name, _ in self.optimizer_args]
+        for name, value in self.optimizer_args:
+            if name not in allowed:
+                raise ValueError(f"{where}: optimizer_args name {name!r} is not a hyper-parameter of optimizer="
+                                 f"{self.optimizer!r}; allowed names are {allowed} (lr is the lr field)")
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: optimizer_args {name}={value!r} must be finite")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: optimizer_args={self.optimizer_args!r} names a hyper-parameter twice")
+
+    def optimizer_kwargs(self) -> dict:
+        """``optimizer_args`` as keyword arguments, integral values cast to ``int`` where the default is one."""
+        from ..train.optim import optimizer_defaults
+
+        defaults = optimizer_defaults(self.optimizer)
+        return {k: int(v) if isinstance(defaults.get(k), int) and float(v).is_integer() else v
+                for k, v in self.optimizer_args}
 
     @property
     def run_seed(self) -> int:
@@ -255,7 +285,8 @@ def train_network(t: AttackTrainConfig) -> dict:
 
     t0 = time.perf_counter()
     res = train_to_zero_error(_init(t), _task(t), optimizer=t.optimizer, lr=t.lr, batch_size=t.batch_size,
-                              max_epochs=t.max_epochs, seed=t.run_seed, device=resolve_device())
+                              max_epochs=t.max_epochs, seed=t.run_seed, device=resolve_device(),
+                              optimizer_kwargs=t.optimizer_kwargs())
     last = res.final
     return {"state_dict": res.model.state_dict(), "status": res.status,
             "epochs": -1 if res.epochs_to_zero is None else int(res.epochs_to_zero),

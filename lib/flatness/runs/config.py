@@ -37,7 +37,7 @@ _MISSING = dataclasses.MISSING
 
 
 def param(default=_MISSING, *, positive: bool = False, min: float | None = None, max: float | None = None,
-          choices=None, doc: str | None = None, default_factory=_MISSING) -> Any:
+          choices=None, doc: str | None = None, default_factory=_MISSING, key_at_default: bool = True) -> Any:
     """A dataclass field with declarative checks, enforced by :meth:`RunConfig.validate`.
 
     Args:
@@ -48,11 +48,14 @@ def param(default=_MISSING, *, positive: bool = False, min: float | None = None,
         choices: the value must be one of these.
         doc: a short description of the field (kept in the field's metadata).
         default_factory: as in :func:`dataclasses.field`.
+        key_at_default: ``False`` leaves the field out of :func:`flatness.results.config_key` while it holds its
+            default, so a field added to an existing config class keeps every stored key (rows and artifacts
+            stay valid); a non-default value is keyed as usual.
 
     For ``Optional`` fields the checks apply to non-``None`` values; for tuple fields, to every element.
     """
     meta = {"positive": positive, "min": min, "max": max,
-            "choices": tuple(choices) if choices is not None else None, "doc": doc}
+            "choices": tuple(choices) if choices is not None else None, "doc": doc, "key_at_default": key_at_default}
     kw = {"metadata": meta}
     if default is not _MISSING:
         kw["default"] = default
