@@ -36,6 +36,15 @@ def test_profiles_build_the_issue_sweeps():
     assert len({config_key(c) for c in cpu}) == 10
     c = exp.configs("smoke", iterations="40", seeds=2.0)  # papermill strings and floats
     assert c[0].iterations == 40 and len(c) == 10
+    # cpu matches budgets: lr 0.05 gets 2x, batch 8 2.5x the reference (0.1, 20)'s steps; paper is equal
+    steps = {(c.lr, c.batch_size): c.iterations for c in cpu}
+    assert steps == {(0.05, 20): 10_000, (0.1, 20): 5000, (0.2, 20): 5000, (0.1, 8): 12_500, (0.1, 32): 5000}
+    assert {c.iterations for c in paper} == {750_000}
+    assert {c.iterations for c in exp.configs("cpu", budget="equal")} == {5000}
+    assert {c.iterations for c in exp.configs("cpu", iterations=100)} == {100, 200, 250}
+    assert exp.setting_iterations(7, 0.1, 20, "matched") == 7 and exp.setting_iterations(7, 0.1, 6, "matched") == 24
+    with pytest.raises(ValueError, match="budget"):
+        exp.configs("cpu", budget="longest")
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -206,6 +215,32 @@ def test_late_phase_spearman_and_orderings_on_synthetic_runs():
         exp.ordering(fin, "seed", "mls")
     with pytest.raises(ValueError, match="frac=0 must be"):
         exp.final_values(df, frac=0)
+
+
+def test_claim_results_hold_on_the_synthetic_runs_and_fail_when_one_run_rises():
+    import inspect
+
+    from flatness import claims
+
+    df = _synthetic()
+    res = {c["claim"]: c for c in exp.claim_results(df, loss_factor=1, n_boot=200)}
+    assert set(res) == {"late_decline_sqrt_trace_h", "late_decline_mls", "late_decline_log_volume_top3",
+                        "order_lr_sqrt_trace_h", "order_batch_sqrt_trace_h", "order_lr_mls", "order_batch_mls"}
+    assert all(c["holds"] for c in res.values()), {k: c["value"] for k, c in res.items()}
+    assert res["late_decline_mls"]["n"] == 10 and res["late_decline_mls"]["value"] < 0
+    for c in res.values():  # each is a valid claims.record call
+        inspect.signature(claims.record).bind("05_test", profile="smoke", **c)
+    # one run whose sharpness keeps rising after the loss minimum breaks "in every run" (and only that claim)
+    bad = df.copy()
+    one = bad["run"] == bad["run"].iloc[0]
+    bad.loc[one, "sqrt_trace_h"] = bad.loc[one, "iteration"] / 100.0
+    res2 = {c["claim"]: c for c in exp.claim_results(bad, loss_factor=1, n_boot=200)}
+    assert not res2["late_decline_sqrt_trace_h"]["holds"] and res2["late_decline_sqrt_trace_h"]["value"] == 1.0
+    assert res2["late_decline_mls"]["holds"]
+    # a run with too few late points cannot count as declining
+    short = df[~((df["run"] == df["run"].iloc[0]) & (df["iteration"] > 1100))]
+    res3 = {c["claim"]: c for c in exp.claim_results(short, loss_factor=1, n_boot=200)}
+    assert not res3["late_decline_mls"]["holds"]
 
 
 def test_figures_return_figures_on_a_tiny_frame():

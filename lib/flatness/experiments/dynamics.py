@@ -33,8 +33,8 @@ Protocol of one run (issue 12; the authors' ``chinsengi/sharpdim`` ``train.py``/
 
 Rows: one per (run, tracked iteration), columns :data:`ROW_COLUMNS`. Analysis: :func:`late_phase` (the
 iterations after approximate interpolation), :func:`late_phase_spearman`, :func:`final_values`,
-:func:`ordering`; figures :func:`figure_dynamics` (Fig. 1 ``vary="lr"``, Fig. 2 ``vary="batch_size"``) and
-:func:`figure_late_trajectories`.
+:func:`ordering`, the claims :func:`claim_results`; figures :func:`figure_dynamics` (Fig. 1 ``vary="lr"``,
+Fig. 2 ``vary="batch_size"``) and :func:`figure_late_trajectories`.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ from ..results import ResultStore, config_key
 from ..losses import half_mse
 from ..runs import RunConfig, param, run_sweep, trained, with_overrides, worker_pool
 
-__all__ = ["DynamicsConfig", "PROFILES", "SETTINGS", "STORE_NAME", "ROW_COLUMNS", "METRICS", "configs", "run",
-           "run_all", "late_phase", "late_phase_spearman", "final_values", "ordering", "figure_dynamics",
+__all__ = ["DynamicsConfig", "PROFILES", "SETTINGS", "BUDGETS", "REFERENCE_SETTING", "setting_iterations", "STORE_NAME", "ROW_COLUMNS", "METRICS", "configs", "run",
+           "run_all", "late_phase", "late_phase_spearman", "final_values", "ordering", "claim_results",
+           "figure_dynamics",
            "figure_late_trajectories", "cost_estimate"]
 
 STORE_NAME = "05_dynamics"  #: ``ResultStore(STORE_NAME, results/<profile>)``
@@ -128,14 +129,30 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(n_train=100, n_test=100, source="embedded", iterations=40, track_every=20, n_track=3,
                   eval_epochs=100, seeds=1, models=("small_vgg",)),
     "cpu": dict(n_train=4000, n_test=500, n_loss=500, source="embedded", iterations=5000, track_every=200,
-                n_track=20, eval_epochs=100, seeds=2, models=("small_vgg",)),
+                n_track=20, eval_epochs=100, seeds=2, models=("small_vgg",), budget="matched"),
     "paper": dict(n_train=10_000, n_test=2000, source="full", iterations=750_000, track_every=200, n_track=20,
                   eval_epochs=10, seeds=5, models=MODELS),
 }
+#: Iteration budgets across settings: ``"equal"`` (the paper: every setting runs ``iterations`` steps) or
+#: ``"matched"`` (cpu: a setting runs ``iterations * max(1, lr_ref / lr, batch_ref / batch)`` steps, so each gets at
+#: least the reference setting's SGD time lr x steps and its number of samples batch x steps; with the reference
+#: (0.1, 20): lr 0.05 runs 2x and batch 8 2.5x the iterations, the others 1x).
+BUDGETS = ("equal", "matched")
+REFERENCE_SETTING = (0.1, 20)
+
+
+def setting_iterations(iterations: int, lr: float, batch_size: int, budget: str = "equal") -> int:
+    """The steps of one (lr, batch) setting under ``budget`` (:data:`BUDGETS`) given the reference's
+    ``iterations``."""
+    check_choice("setting_iterations", "budget", budget, BUDGETS)
+    if budget == "equal":
+        return int(iterations)
+    lr_ref, bs_ref = REFERENCE_SETTING
+    return int(math.ceil(iterations * max(1.0, lr_ref / lr, bs_ref / batch_size) - 1e-9))
 _FIELDS = {f for f in DynamicsConfig.__dataclass_fields__}
 
 
-def configs(profile: str, *, seeds: int | None = None, models=None, settings=None,
+def configs(profile: str, *, seeds: int | None = None, models=None, settings=None, budget: str | None = None,
             **overrides) -> list[DynamicsConfig]:
     """The run configs of a profile: every model x (lr, batch) setting x seed.
 
@@ -144,6 +161,9 @@ def configs(profile: str, *, seeds: int | None = None, models=None, settings=Non
         seeds: number of seeds (``0 .. seeds - 1``; default: the profile's, 1 / 2 / 5).
         models: model names (default: the profile's; ``vgg11`` only at ``paper``).
         settings: ``(lr, batch_size)`` pairs (default :data:`SETTINGS`).
+        budget: ``"equal"`` or ``"matched"`` iterations across settings (:data:`BUDGETS`,
+            :func:`setting_iterations`; default: the profile's, ``"matched"`` at cpu, else ``"equal"``);
+            ``iterations`` is the reference setting's (lr 0.1, batch 20).
         **overrides: fields of :class:`DynamicsConfig` for every run (``None`` values are ignored), each cast
             and validated at once, e.g. ``iterations="2e4"``.
 
@@ -154,6 +174,9 @@ def configs(profile: str, *, seeds: int | None = None, models=None, settings=Non
     check_choice(fn, "profile", profile, PROFILES)
     spec = dict(PROFILES[profile])
     n_seeds, mods = spec.pop("seeds"), spec.pop("models")
+    profile_budget = spec.pop("budget", "equal")
+    budget = profile_budget if budget is None else budget
+    check_choice(fn, "budget", budget, BUDGETS)
     n_seeds = n_seeds if seeds is None else seeds
     if isinstance(n_seeds, float) and n_seeds.is_integer():
         n_seeds = int(n_seeds)
@@ -170,7 +193,8 @@ def configs(profile: str, *, seeds: int | None = None, models=None, settings=Non
     base = with_overrides(DynamicsConfig(**{k: v for k, v in spec.items()}),
                           **{k: v for k, v in overrides.items() if v is not None})
     pairs = SETTINGS if settings is None else tuple(tuple(s) for s in settings)
-    return [with_overrides(base, model=m, lr=lr, batch_size=bs, seed=s)
+    return [with_overrides(base, model=m, lr=lr, batch_size=bs, seed=s,
+                           iterations=setting_iterations(base.iterations, lr, bs, budget))
             for m in mods for lr, bs in pairs for s in range(n_seeds)]
 
 
@@ -434,6 +458,58 @@ def ordering(final: pd.DataFrame, along: str, metric: str, *, fixed: dict | None
     return {"values": {float(k): float(v) for k, v in means.items()}, "gaps": gaps.tolist(), "min_gap": min_gap,
             "holds": bool(len(gaps) >= 1 and np.all(gaps > 0)), "n_seeds": int(sub.groupby(along).size().min())
             if len(sub) else 0}
+
+
+# -------------------------------------------------------------------------------------------- claims
+_DECLINE = (("sqrt_trace_h", "sqrt(Tr H)"), ("mls", "MLS"), ("log_volume_top3", "log volume (top 3)"))
+
+
+def claim_results(df: pd.DataFrame, *, loss_factor: float = 10.0, final_frac: float = 0.1,
+                  n_boot: int = 2000) -> list[dict]:
+    """Issue 12's claims, measured: keyword arguments for :func:`flatness.claims.record` (without ``notebook``
+    and ``profile``).
+
+    1. ``late_decline_<metric>`` (sqrt(Tr H), MLS, top-3 log volume): Spearman(iteration, metric) < 0 over the
+       late phase (:func:`late_phase`) of **every** run; the statistic is the largest r over the runs, with that
+       run's bootstrap 95% interval; a run with fewer than 3 late points counts as not declining.
+    2. ``order_lr_<metric>`` / ``order_batch_<metric>`` (sqrt(Tr H), MLS): the seed-mean final values
+       (:func:`final_values`) ordered 0.05 > 0.1 > 0.2 along lr (batch 20) and 8 < 20 < 32 along the batch (lr
+       0.1); the statistic is the smallest gap in the expected direction (> 0 when the order holds), no interval.
+    The local dimensionality is not a claim (the paper finds it behaves independently).
+    """
+    sp = late_phase_spearman(df, tuple(m for m, _ in _DECLINE), loss_factor=loss_factor, n_boot=n_boot)
+    n_runs = _runs(df)["run"].nunique()
+    out = []
+    for metric, name in _DECLINE:
+        s = sp[sp["metric"] == metric]
+        worst = s.loc[s["r"].idxmax()] if s["r"].notna().any() else None
+        ok = n_runs > 0 and len(s) == n_runs and bool((s["r"] < 0).all())
+        out.append(dict(claim=f"late_decline_{metric}",
+                        statistic=f"max over runs of Spearman(iteration, {name}) in the late phase",
+                        value=float(worst["r"]) if worst is not None else math.nan,
+                        ci=(float(worst["ci_low"]), float(worst["ci_high"])) if worst is not None else None,
+                        expected="< 0 in every run", holds=ok, n=int(len(s)), figure="05_late_phase_trajectories",
+                        paper_ref="Chen et al. 2023, Figs. 1-2",
+                        text=f"After the loss minimum, {name} decreases, in every run"))
+    final = final_values(df, frac=final_frac)
+    for metric, name in _DECLINE[:2]:
+        o_lr = ordering(final, "lr", metric, decreasing=True)  # 0.05 > 0.1 > 0.2
+        o_bs = ordering(final, "batch_size", metric, decreasing=False)  # 8 < 20 < 32
+        out.append(dict(claim=f"order_lr_{metric}", statistic=f"min gap of seed-mean final {name} along lr "
+                        f"0.05 > 0.1 > 0.2 (values {_fmt(o_lr['values'])})", value=o_lr["min_gap"], ci=None,
+                        expected="> 0 (both gaps)", holds=o_lr["holds"], n=o_lr["n_seeds"],
+                        figure="05_fig1_lr_dynamics", paper_ref="Chen et al. 2023, Fig. 1",
+                        text=f"Higher learning rate gives lower final {name}"))
+        out.append(dict(claim=f"order_batch_{metric}", statistic=f"min gap of seed-mean final {name} along batch "
+                        f"8 < 20 < 32 (values {_fmt(o_bs['values'])})", value=o_bs["min_gap"], ci=None,
+                        expected="> 0 (both gaps)", holds=o_bs["holds"], n=o_bs["n_seeds"],
+                        figure="05_fig2_batch_dynamics", paper_ref="Chen et al. 2023, Fig. 2",
+                        text=f"Smaller batch gives lower final {name}"))
+    return out
+
+
+def _fmt(values: dict) -> str:
+    return ", ".join(f"{k:g}: {v:.3g}" for k, v in values.items())
 
 
 # ------------------------------------------------------------------------------------------- figures
