@@ -175,6 +175,32 @@ def test_chain_checks_count_violations_and_ratios():
     assert math.isclose(med[("fnn", "B / A")], 1.3) and math.isclose(med[("fnn", "D / C")], 3 / 1.4)
 
 
+def test_claim_results_on_the_synthetic_frame_and_a_broken_chain():
+    import inspect
+
+    from flatness import claims
+
+    df = _synthetic(n=20)
+    res = {c["claim"]: c for c in exp.claim_results(df, n_boot=300)}
+    names = {"every_inequality_holds"} | {f"fig3_{m}_vs_bound_{c}" for m in ("mls", "nmls") for c in exp.COMBOS} \
+        | {f"figG5_C_correlates_with_mls_{c}" for c in exp.COMBOS}
+    assert set(res) == names
+    assert res["every_inequality_holds"]["holds"] and res["every_inequality_holds"]["value"] == 0
+    assert res["every_inequality_holds"]["n"] == 20 * 4  # the FNN's four rigorous chains (CNN rows not rigorous)
+    assert "B/A = 1.30" in res["every_inequality_holds"]["text"]
+    assert all(res[f"fig3_mls_vs_bound_{c}"]["holds"] for c in exp.COMBOS)  # planted: bound = 3 MLS + noise
+    assert "not rigorous" in res["fig3_mls_vs_bound_lenet5"]["statistic"]
+    assert "not rigorous" not in res["fig3_mls_vs_bound_fnn"]["statistic"]
+    for c in res.values():
+        inspect.signature(claims.record).bind("06_test", profile="smoke", **c)
+    bad = df.copy()
+    bad.loc[0, "mls_bound_C"] = 0.5 * bad.loc[0, "mls_bound_B"]
+    track = pd.DataFrame([dict(A=1.0, A_fro=1.1, B=1.2, C=1.0, D=2.0, B_all=2.0, C_all=2.1, D_all=3.0)])  # C < B
+    res2 = {c["claim"]: c for c in exp.claim_results(bad, track, n_boot=300)}
+    assert not res2["every_inequality_holds"]["holds"] and res2["every_inequality_holds"]["value"] == 2
+    assert res2["every_inequality_holds"]["n"] == 20 * 4 + 1
+
+
 def test_correlations_recover_a_planted_relation():
     df = _synthetic(n=30)
     corr = exp.correlations(df, [("mls_bound", "mls"), ("local_dim", "mls")], n_boot=300)

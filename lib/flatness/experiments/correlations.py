@@ -74,7 +74,8 @@ from ..runs import RunConfig, param, run_sweep, trained, with_overrides
 
 __all__ = ["CorrTrainConfig", "CorrRunConfig", "ChainTrackConfig", "COMBOS", "PROFILES", "STORE_NAME",
            "ROW_COLUMNS", "PAIR_COLUMNS", "configs", "track_config", "mse_loss", "run", "run_batch", "run_all",
-           "track_chain", "run_track", "track_violations", "chain_checks", "chain_ratios", "correlations", "stacking_speedup",
+           "track_chain", "run_track", "track_violations", "chain_checks", "chain_ratios", "correlations",
+           "CLAIM_PAIRS", "claim_results", "stacking_speedup",
            "figure_fig3", "figure_pairplot", "figure_heatmap", "figure_g5"]
 
 STORE_NAME = "06_correlations"  #: ``ResultStore(STORE_NAME, results/<profile>)``
@@ -641,6 +642,72 @@ def correlations(df: pd.DataFrame, pairs, method: str = "pearson", n_boot: int =
             rows.append({"combo": combo, "x": xc, "y": yc, "r": c.r, "ci_low": c.ci_low, "ci_high": c.ci_high,
                          "n": c.n})
     return pd.DataFrame(rows, columns=["combo", "x", "y", "r", "ci_low", "ci_high", "n"])
+
+
+#: The correlations the claims read (and notebook 06 tabulates).
+CLAIM_PAIRS = (("mls_bound", "mls"), ("nmls_bound", "nmls"), ("mls_bound_C_authors", "mls"),
+               ("mls_bound_D_authors", "mls"))
+_PAPER = "Chen et al. 2023"
+
+
+def claim_results(df: pd.DataFrame, track: pd.DataFrame | None = None, corr: pd.DataFrame | None = None,
+                  n_boot: int = 2000) -> list[dict]:
+    """Notebook 06's claims, measured: keyword arguments for :func:`flatness.claims.record` (without ``notebook``
+    and ``profile``).
+
+    1. ``every_inequality_holds``: 0 violations of the rigorous chains (:func:`chain_checks`, rigorous rows)
+       over all models, plus the Fig. G.5 tracked epochs (:func:`track_violations` of ``track``, if given).
+    2. ``fig3_mls_vs_bound_<combo>`` / ``fig3_nmls_vs_bound_<combo>``: Pearson(MLS, MLS bound) and Pearson(NMLS,
+       NMLS bound) > 0 with the 95% CI above 0, per combination (Fig. 3); the statistic says when the bound is
+       not rigorous there (the authors' CNN convention).
+    3. ``figG5_C_correlates_with_mls_<combo>``: Pearson(MLS, C) > 0, CI above 0 (Fig. G.5's caption); D's
+       correlation is reported in the text (the paper finds it negative on the FNN).
+    ``corr``: :func:`correlations` of ``df`` over at least :data:`CLAIM_PAIRS` (computed when not given).
+    """
+    corr = correlations(df, CLAIM_PAIRS, n_boot=n_boot) if corr is None else corr
+    checks, ratios = chain_checks(df), chain_ratios(df)
+    g5_viol = track_violations(track) if track is not None else 0
+    viol = int(checks.loc[checks.rigorous, "violations"].sum()) + g5_viol
+    n_checked = int(checks.loc[checks.rigorous, "n"].sum()) + (len(track) if track is not None else 0)
+    med = ratios.set_index(["combo", "step"])["median"]
+    steps = [med.get(("fnn", s), np.nan) for s in ("B / A", "C / B", "D / C")]
+    out = [dict(claim="every_inequality_holds",
+                statistic="violations of the rigorous chains (MLS A<=A_F<=B<=C<=D both factors, NMLS, LVR all/top-3) "
+                          "over all models + Fig. G.5 epochs", value=viol, ci=None, expected="0 violations",
+                holds=viol == 0, n=n_checked, figure="06_figG5_chain_over_training",
+                paper_ref=f"{_PAPER}, Props. 3.4-3.8, Fig. G.5",
+                text="Every inequality holds on every model; FNN median ratios B/A = {:.2f}, C/B = {:.2f}, "
+                     "D/C = {:.2f}".format(*steps))]
+    present = [c for c in COMBOS if "combo" in df.columns and c in set(df["combo"])]
+    for combo in present:
+        for xc, yc, name in (("mls_bound", "mls", "MLS"), ("nmls_bound", "nmls", "NMLS")):
+            r = corr[(corr.combo == combo) & (corr.x == xc) & (corr.y == yc)]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            rig = bool(df.loc[df.combo == combo, f"{xc}_rigorous"].astype(bool).all())
+            out.append(dict(claim=f"fig3_{name.lower()}_vs_bound_{combo}",
+                            statistic=f"Pearson({name}, {name} bound) on {combo}"
+                                      + ("" if rig else " (bound not rigorous: authors' conv convention)"),
+                            value=float(r.r), ci=(float(r.ci_low), float(r.ci_high)),
+                            expected="r > 0 and 95% CI above 0", holds=bool(r.r > 0 and r.ci_low > 0),
+                            n=int(r.n), figure="06_fig3_bounds", paper_ref=f"{_PAPER}, Fig. 3",
+                            text=f"{name} correlates positively with its sharpness bound"))
+    for combo in present:
+        rc = corr[(corr.combo == combo) & (corr.x == "mls_bound_C_authors") & (corr.y == "mls")]
+        rd = corr[(corr.combo == combo) & (corr.x == "mls_bound_D_authors") & (corr.y == "mls")]
+        if rc.empty:
+            continue
+        rc = rc.iloc[0]
+        d_txt = (f"D: r = {rd.iloc[0].r:+.2f} [{rd.iloc[0].ci_low:+.2f}, {rd.iloc[0].ci_high:+.2f}]" if len(rd)
+                 else "D: not measured")
+        out.append(dict(claim=f"figG5_C_correlates_with_mls_{combo}", statistic=f"Pearson(MLS, C) on {combo}",
+                        value=float(rc.r), ci=(float(rc.ci_low), float(rc.ci_high)),
+                        expected="r > 0 and 95% CI above 0", holds=bool(rc.r > 0 and rc.ci_low > 0), n=int(rc.n),
+                        figure="06_correlation_heatmap", paper_ref=f"{_PAPER}, Fig. G.5 caption",
+                        text=f"Bound C (partial sharpness) correlates positively with MLS; {d_txt} "
+                             f"(paper: negative on the FNN)"))
+    return out
 
 
 def stacking_speedup(t: CorrTrainConfig, n_models: int = 8, epochs: int = 1) -> dict:
