@@ -201,6 +201,34 @@ def test_claim_helpers_on_synthetic_runs():
     assert not O.claim_relaxation(_synthetic_run(relax=False))["holds"]
 
 
+def test_claim_helpers_record_failed_claims_instead_of_raising():
+    never_fit = _synthetic_run().assign(zero_error_epoch=np.nan)
+    c1 = O.claim_function_constant(never_fit)
+    assert not c1["holds"] and "never reached zero training error" in c1["reason"] and math.isnan(c1["ratio"])
+    never_rescaled = _synthetic_run().assign(alpha_applied=False)
+    for fn in (O.claim_rescale_invariance, O.claim_relaxation):
+        c = fn(never_rescaled)
+        assert not c["holds"] and "never rescaled" in c["reason"]
+    assert O.claim_function_constant(never_rescaled)["reason"] is None  # claim 1 uses the last epoch instead
+    ended = _synthetic_run()
+    ended = ended[ended["epoch"] <= 120]  # the run ends at the rescaling: nothing to relax
+    c3 = O.claim_relaxation(ended)
+    assert not c3["holds"] and "no record after the rescaling" in c3["reason"]
+    flat = _synthetic_run()
+    flat.loc[flat.alpha_applied, "sharpness_pre"] = 0.0  # a zero pre-rescale sharpness: no ZeroDivisionError
+    assert math.isinf(O.claim_rescale_invariance(flat)["ratio"])
+    assert math.isinf(O.claim_relaxation(flat)["min_ratio"]) and not O.claim_relaxation(flat)["holds"]
+    zero = _synthetic_run()
+    zero["sharpness"] = 0.0
+    zero["sharpness_pre"] = np.where(zero.alpha_applied, 0.0, np.nan)
+    assert math.isnan(O.claim_function_constant(zero)["ratio"]) and not O.claim_function_constant(zero)["holds"]
+    c4 = O.claim_overtrain_correlation(pd.DataFrame(columns=["measure", "r", "ci_low", "ci_high", "n"]))
+    assert not c4["holds"] and "no finite" in c4["reason"]
+    good = _synthetic_run()
+    assert all(f(good)["reason"] is None for f in (O.claim_function_constant, O.claim_rescale_invariance,
+                                                   O.claim_relaxation))
+
+
 def _synthetic_sweep(flip_prior=False):
     rng = np.random.default_rng(0)
     rows = []

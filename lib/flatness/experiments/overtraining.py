@@ -650,6 +650,18 @@ def zero_error_epoch(run: pd.DataFrame) -> int | None:
     return int(z.iloc[0]) if len(z) else None
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, with a zero or non-finite denominator giving NaN (0 / 0) or +-inf instead of raising."""
+    a, b = float(a), float(b)
+    if b == 0 or not math.isfinite(b):
+        return math.nan if (a == 0 or not math.isfinite(a) or not math.isfinite(b)) else math.copysign(math.inf, a)
+    return a / b
+
+
+_NO_ZERO = "the run never reached zero training error"
+_NO_RESCALE = "the run was never rescaled (no alpha_applied row)"
+
+
 def _zero_epoch(run: pd.DataFrame) -> int:
     z = zero_error_epoch(run)
     if z is None:
@@ -664,11 +676,16 @@ def claim_function_constant(run: pd.DataFrame, window: int = 400) -> dict:
     Returns ``changes`` (epochs in the window whose function differed from the epoch before), ``ratio``
     (sharpness at the zero-error epoch / just before the rescaling), ``constant_after`` (the record after which the
     function never changed again before the rescaling), ``log10_prior_range`` (max - min of log10 P from zero error
-    to the rescaling), ``holds``.
+    to the rescaling), ``holds``, ``reason`` (``None``; else why the claim could not be evaluated, e.g. a run that
+    never reached zero error: then ``holds`` is False and the measurements NaN).
     """
     run = run.sort_values("epoch")
     E = _rescale_epoch(run)
-    fit = _zero_epoch(run)
+    fit = zero_error_epoch(run)
+    if fit is None or not len(run):
+        return {"changes": -1, "window": (None, None), "sharpness_zero": math.nan, "sharpness_pre_rescale": math.nan,
+                "ratio": math.nan, "constant_after": None, "log10_prior_range": math.nan, "holds": False,
+                "reason": _NO_ZERO}
     if E is None:
         E = int(run["epoch"].max())
     pre = run[run["epoch"] < E]
@@ -681,36 +698,53 @@ def claim_function_constant(run: pd.DataFrame, window: int = 400) -> dict:
         float(r_end["sharpness"])  # noqa: E712
     if not math.isfinite(s_end):
         s_end = float(pre["sharpness"].iloc[-1])
-    ratio = s0 / s_end
+    ratio = _ratio(s0, s_end)
     moved = run[(run["epoch"] > fit) & (run["epoch"] <= E) & (run["n_function_changes"] > 0)]
     return {"changes": changes, "window": (lo, E), "sharpness_zero": s0, "sharpness_pre_rescale": s_end,
             "ratio": ratio, "constant_after": int(moved["epoch"].max()) if len(moved) else fit,
             "log10_prior_range": float(run.loc[(run["epoch"] >= fit) & (run["epoch"] <= E), "log10_prior"].max()
                                        - run.loc[(run["epoch"] >= fit) & (run["epoch"] <= E), "log10_prior"].min()),
-            "holds": bool(changes == 0 and ratio >= 2.0)}
+            "holds": bool(changes == 0 and ratio >= 2.0), "reason": None}
 
 
 def claim_rescale_invariance(run: pd.DataFrame) -> dict:
-    """Claim 2: at the rescaling step the predictions are identical, |Δ ln P| <= EP tolerance, sharpness x > 10."""
-    r = run[run["alpha_applied"] == True].iloc[0]  # noqa: E712
+    """Claim 2: at the rescaling step the predictions are identical, |Δ ln P| <= EP tolerance, sharpness x > 10.
+
+    A run that was never rescaled gives ``holds=False`` with ``reason`` (else ``reason`` is ``None``)."""
+    hit = run[run["alpha_applied"] == True]  # noqa: E712
+    if not len(hit):
+        return {"same_predictions": False, "delta_log_prior": math.nan, "tolerance": math.nan, "ratio": math.nan,
+                "max_logit_change": math.nan, "epoch": None, "holds": False, "reason": _NO_RESCALE}
+    r = hit.iloc[0]
     dlp = abs(float(r["log_prior"]) - float(r["log_prior_pre"]))
     tol = _EP_TOL * max(1.0, abs(float(r["log_prior_pre"])))
-    ratio = float(r["sharpness"]) / float(r["sharpness_pre"])
+    ratio = _ratio(r["sharpness"], r["sharpness_pre"])
     same = bool(r["same_predictions"])
     return {"same_predictions": same, "delta_log_prior": dlp, "tolerance": tol, "ratio": ratio,
             "max_logit_change": float(r["max_logit_change"]), "epoch": int(r["epoch"]),
-            "holds": bool(same and dlp <= tol and ratio > 10)}
+            "holds": bool(same and dlp <= tol and ratio > 10), "reason": None}
 
 
 def claim_relaxation(run: pd.DataFrame, until: int | None = None) -> dict:
-    """Claim 3: after the spike the sharpness falls back below 2x its pre-rescale value by epoch ``until``."""
+    """Claim 3: after the spike the sharpness falls back below 2x its pre-rescale value by epoch ``until``.
+
+    A run that was never rescaled, or has no record after the rescaling, gives ``holds=False`` with ``reason``."""
     run = run.sort_values("epoch")
-    r = run[run["alpha_applied"] == True].iloc[0]  # noqa: E712
+    hit = run[run["alpha_applied"] == True]  # noqa: E712
+    none = {"sharpness_pre": math.nan, "min_ratio": math.nan, "end_ratio": math.nan, "first_epoch_below": None,
+            "epochs_after": None, "holds": False}
+    if not len(hit):
+        return {**none, "reason": _NO_RESCALE}
+    r = hit.iloc[0]
     E, pre = int(r["epoch"]), float(r["sharpness_pre"])
     after = run[(run["epoch"] > E) & (run["epoch"] <= (until if until is not None else run["epoch"].max()))]
+    if not len(after):
+        return {**none, "sharpness_pre": pre, "reason": f"no record after the rescaling at epoch {E}"}
     below = after[after["sharpness"] < 2 * pre]
-    return {"sharpness_pre": pre, "min_ratio": float((after["sharpness"] / pre).min()),
-            "end_ratio": float(after["sharpness"].iloc[-1] / pre),
+    ratios = [_ratio(v, pre) for v in after["sharpness"]]
+    finite = [v for v in ratios if not math.isnan(v)]
+    return {"sharpness_pre": pre, "min_ratio": min(finite) if finite else math.nan,
+            "end_ratio": ratios[-1], "reason": None,
             "first_epoch_below": int(below["epoch"].iloc[0]) if len(below) else None,
             "epochs_after": int(below["epoch"].iloc[0]) - E if len(below) else None, "holds": bool(len(below))}
 
@@ -734,12 +768,17 @@ def overtrain_correlations(df: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame
 
 
 def claim_overtrain_correlation(corr: pd.DataFrame, threshold: float = -0.5) -> dict:
-    """Claim 4: Spearman(log P, test error) <= ``threshold`` at every overtraining length and optimizer."""
-    lp = corr[corr["measure"] == "log_prior"]
+    """Claim 4: Spearman(log P, test error) <= ``threshold`` at every overtraining length and optimizer.
+
+    With no finite correlation (no sweep rows, or too few runs) ``holds`` is False and ``reason`` says why."""
+    lp = corr[corr["measure"] == "log_prior"] if len(corr) else corr
+    if not len(lp) or not lp["r"].notna().any():
+        return {"worst_r": math.nan, "worst_ci": (math.nan, math.nan), "worst_at": None, "n": 0, "holds": False,
+                "reason": "no finite Spearman(log P, test error): no overtraining sweep rows, or too few runs"}
     worst = lp.loc[lp["r"].idxmax()]
     return {"worst_r": float(worst["r"]), "worst_ci": (float(worst["ci_low"]), float(worst["ci_high"])),
             "worst_at": (worst["optimizer"], int(worst["overtrain_epochs"])), "n": int(lp["n"].min()),
-            "holds": bool((lp["r"] <= threshold).all())}
+            "holds": bool((lp["r"] <= threshold).all()), "reason": None}
 
 
 # ============================================================================================ figures
