@@ -18,14 +18,14 @@ from torch import Tensor
 
 from ._checks import check_int
 
-__all__ = ["boolean_inputs", "function_to_hex", "hex_to_function", "pack_bits", "packed_to_hex"]
+__all__ = ["MAX_N", "boolean_inputs", "function_to_hex", "hex_to_function", "pack_bits", "packed_to_hex"]
 
-_MAX_N = 20
+MAX_N = 20  #: the largest number of inputs n the encoding helpers (and the prior sampler) accept
 
 
 def boolean_inputs(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """All ``2**n`` points of {0,1}^n in the package's fixed order, shape ``(2**n, n)``."""
-    n = check_int("boolean_inputs", "n", n, minimum=1, maximum=_MAX_N)
+    n = check_int("boolean_inputs", "n", n, minimum=1, maximum=MAX_N)
     i = torch.arange(2**n, device=device)
     shifts = torch.arange(n - 1, -1, -1, device=device)
     return ((i[:, None] >> shifts) & 1).to(dtype)
@@ -51,7 +51,7 @@ def function_to_hex(y) -> str:
 
 def hex_to_function(h: str, n: int) -> Tensor:
     """Output vector (int64 0/1, length ``2**n``) of a hex string produced by :func:`function_to_hex`."""
-    n = check_int("hex_to_function", "n", n, minimum=1, maximum=_MAX_N)
+    n = check_int("hex_to_function", "n", n, minimum=1, maximum=MAX_N)
     length = 2**n
     if len(h) != (length + 3) // 4:
         raise ValueError(f"hex_to_function: h has {len(h)} hex digits; expected {(length + 3) // 4} for n={n}")
@@ -79,7 +79,7 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 def packed_to_hex(words: Tensor, n: int) -> list[str]:
     """Hex strings of packed functions ``(M, W)`` (as returned by :func:`pack_bits`) on {0,1}^n."""
-    n = check_int("packed_to_hex", "n", n, minimum=1, maximum=_MAX_N)
+    n = check_int("packed_to_hex", "n", n, minimum=1, maximum=MAX_N)
     L = 2**n
     digits = (min(L, 64) + 3) // 4
     rows = words.reshape(len(words), -1).cpu().tolist()

@@ -48,7 +48,7 @@ import torch
 
 from .._checks import check_choice
 from .._device import resolve_device
-from ..boolean import _MAX_N, boolean_inputs, hex_to_function
+from ..boolean import MAX_N, boolean_inputs, hex_to_function
 from ..losses import sigmoid_bce
 from ..models import FCN
 from ..results import ResultStore, config_key
@@ -60,9 +60,9 @@ __all__ = ["BooleanConfig", "BooleanTrainConfig", "BooleanRunConfig", "PROFILES"
 
 
 def _check_widths(where: str, widths: tuple[int, ...]) -> None:
-    if len(widths) < 2 or widths[-1] != 1 or not 1 <= widths[0] <= _MAX_N:
+    if len(widths) < 2 or widths[-1] != 1 or not 1 <= widths[0] <= MAX_N:
         raise ValueError(f"{where}: widths={widths} must start with the number of Boolean inputs n "
-                         f"(1..{_MAX_N}) and end with one output, e.g. (7, 40, 40, 1)")
+                         f"(1..{MAX_N}) and end with one output, e.g. (7, 40, 40, 1)")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .._checks import check_choice, check_int, check_positive, check_widths
 from .._device import resolve_device
-from ..boolean import _MAX_N, boolean_inputs, pack_bits
+from ..boolean import MAX_N, boolean_inputs, pack_bits
 
 __all__ = ["FunctionCounts", "sample_function_counts"]
 
@@ -118,7 +118,7 @@ class FunctionCounts:
         fn = "FunctionCounts"
         self.widths = tuple(int(w) for w in self.widths)
         self.sigma_w, self.sigma_b = float(self.sigma_w), float(self.sigma_b)
-        self.n = check_int(fn, "n", self.n, minimum=1, maximum=_MAX_N)
+        self.n = check_int(fn, "n", self.n, minimum=1, maximum=MAX_N)
         self.n_samples = check_int(fn, "n_samples", self.n_samples, minimum=1)
         if not self.widths or self.widths[0] != self.n or self.widths[-1] != 1:
             raise ValueError(f"{fn}: widths={self.widths} must start with n={self.n} and end with 1")
@@ -490,7 +490,7 @@ def _check_widths(fn: str, widths) -> tuple[int, ...]:
     widths = check_widths(fn, widths, example="(7, 40, 40, 1)")
     if widths[-1] != 1:
         raise ValueError(f"{fn}: widths={widths} must end in 1 (a single output thresholded at 0)")
-    check_int(fn, "widths[0]", widths[0], minimum=1, maximum=_MAX_N)
+    check_int(fn, "widths[0]", widths[0], minimum=1, maximum=MAX_N)
     return widths
 
 
