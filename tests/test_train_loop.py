@@ -398,6 +398,30 @@ def test_entropy_sgd_trains_through_the_closure():
     assert not torch.equal(r.model[1].weight, FCN((5, 16, 1), seed=0)[1].weight)
 
 
+def test_entropy_sgd_noise_comes_from_the_seed_not_the_global_rng():
+    """The SGLD noise is drawn from a generator seeded by ``seed``: what ran before in the process (the global RNG's
+    state) does not change the run; another seed does. Before, a worker's earlier runs changed Entropy-SGD's."""
+    task = _toy_task()
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        torch.randn(1000)  # another run's draws
+        r = train_to_zero_error(FCN((5, 16, 1), seed=0), task, optimizer="entropy_sgd", batch_size=16, max_epochs=2,
+                                seed=seed, optimizer_kwargs={"L": 3, "noise": 0.5})
+        return torch.cat([p.detach().flatten() for p in r.model.parameters()])
+
+    a, b, c = run(0, 1), run(0, 2), run(1, 1)
+    assert torch.equal(a, b), "the global RNG must not change the run"
+    assert not torch.equal(a, c), "the seed must"
+    own = torch.Generator().manual_seed(7)  # an optimizer with its own generator keeps it
+    from flatness.train.optim import EntropySGD
+
+    model = FCN((5, 16, 1), seed=0)
+    r = train_to_zero_error(model, task, optimizer=lambda ps: EntropySGD(ps, L=2, generator=own), batch_size=16,
+                            max_epochs=1)
+    assert r.status in ("converged", "max_epochs") and own.initial_seed() == 7
+
+
 def test_eval_every_skips_full_passes_but_not_the_trajectory():
     """eval_every=k: history rows (and epoch callbacks) only every k-th epoch and at the end; same weights."""
     task = _toy_task(random_labels=True)

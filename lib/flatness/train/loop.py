@@ -163,6 +163,12 @@ def _params_finite(params) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
+def _noise_seed(seed: int) -> int:
+    """The seed of an optimizer's own noise generator (Entropy-SGD), derived from the run's ``seed`` (not equal to
+    it, so the noise is not the mini-batch order's stream)."""
+    return (int(seed) * 1_000_003 + 12_345) % (2 ** 63)
+
+
 def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd", lr: float | None = None,
                         batch_size: int | None = 32, max_epochs: int = 50_000, overtrain_epochs: int = 0,
                         seed: int = 0, callbacks: Sequence = (),
@@ -195,7 +201,10 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
         max_epochs: cap on epochs before zero error (the paper used 50,000).
         overtrain_epochs: epochs to keep training after the first zero-error epoch (Fig. 5).
         seed: seeds the mini-batch order (``torch.randperm(n, generator=torch.Generator().manual_seed(seed))``
-            once per epoch; the initialisation is the caller's); CPU runs are bit-for-bit repeatable.
+            once per epoch; the initialisation is the caller's) and, for an optimizer that draws noise from its
+            own ``generator`` attribute left ``None`` (Entropy-SGD's SGLD noise), that generator too, so a run
+            never depends on torch's global RNG (i.e. on what ran before it in the process); CPU runs are
+            bit-for-bit repeatable.
         callbacks: :class:`~flatness.train.Callback` objects (``Track``, ``AlphaRescaleAt``, ``Checkpoint``...)
             or plain callables called after each epoch with the :class:`TrainState`, which may add to
             ``state.record``, change the model in place, and return ``True`` to stop.
@@ -248,6 +257,8 @@ def train_to_zero_error(model: nn.Module, task, optimizer: str | Callable = "sgd
     full_batch = isinstance(optimizer, str) and getattr(OPTIMIZERS[optimizer], "full_batch", optimizer == "gd")
     bs = n if (batch_size is None or full_batch) else min(batch_size, n)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, **(optimizer_kwargs or {}))
+    if getattr(opt, "generator", False) is None:  # a noise-drawing optimizer (Entropy-SGD's SGLD) without its own
+        opt.generator = torch.Generator().manual_seed(_noise_seed(seed))  # generator: seeded here, not global
     gen = torch.Generator().manual_seed(int(seed))
     config = {"optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
               "lr": opt.param_groups[0]["lr"] if hasattr(opt, "param_groups") else lr, "batch_size": bs,
