@@ -146,3 +146,19 @@ def test_figures_return_a_figure_on_a_tiny_frame():
     corr = O.correlations(df)
     assert {"optimizer", "panel", "pair", "r", "ci_low", "ci_high"} <= set(corr.columns)
     assert corr[(corr.optimizer == "adam") & (corr.panel == "mnist_fcn")]["n"].max() == 11  # max_epochs left out
+
+
+def test_forest_plot_draws_an_interval_that_excludes_its_point():
+    """A percentile-bootstrap CI need not contain r (cpu: Adam CIFAR FCN at n = 5 gave r = -0.9, CI [-1, -1]);
+    the forest plot must draw it, not raise on a negative error-bar length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    df = _synthetic()
+    corr = O.correlations(df, ["log10_prior_vs_test_error", "sharpness_vs_test_error"])
+    i = corr.index[(corr.method == "spearman")][0]
+    corr.loc[i, ["r", "ci_low", "ci_high"]] = (-0.9, -1.0, -1.0)
+    j = corr.index[(corr.method == "spearman")][1]
+    corr.loc[j, "r"] = float("nan")
+    fig = O.figure_forest(df, corr)
+    assert fig is not None

@@ -456,6 +456,7 @@ def figure_forest(df: pd.DataFrame, corr: pd.DataFrame | None = None):
     """New summary: Spearman(log10 P, test error) and Spearman(log10 sharpness, test error) with bootstrap 95%
     CIs, one line per (optimizer, panel), side by side (a forest plot); n and runs left out in the labels."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     corr = correlations(df, ["log10_prior_vs_test_error", "sharpness_vs_test_error"]) if corr is None else corr
     c = corr[(corr["method"] == "spearman") & corr["pair"].isin(["log10_prior_vs_test_error",
@@ -472,7 +473,13 @@ def figure_forest(df: pd.DataFrame, corr: pd.DataFrame | None = None):
                 continue
             r = r.iloc[0]
             col = f"C{OPTIMIZER_NAMES.index(o)}"
-            ax.errorbar(r.r, i, xerr=[[r.r - r.ci_low], [r.ci_high - r.r]], fmt="o", color=col, capsize=3)
+            if not np.isfinite(r.r):
+                continue
+            # a percentile-bootstrap interval need not contain r (e.g. at n = 4): draw the interval as it is
+            ax.errorbar(r.r, i, xerr=[[max(0.0, r.r - r.ci_low)], [max(0.0, r.ci_high - r.r)]], fmt="o", color=col,
+                        capsize=3)
+            if np.isfinite(r.ci_low) and np.isfinite(r.ci_high) and not r.ci_low <= r.r <= r.ci_high:
+                ax.plot([r.ci_low, r.ci_high], [i, i], color=col, lw=1, ls=":")
         ax.axvline(0, color="0.5", lw=0.8)
         ax.set(xlim=(-1.05, 1.05), xlabel=lab)
     labels = []
