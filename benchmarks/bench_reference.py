@@ -23,7 +23,8 @@ the authors' NMLS term (``nmls_bound(variant="authors")``), and ``adversarial_ml
 their per-image ViT loop (``eval_mls_adv``) started from the same perturbations.
 Where our API does not offer the authors' convention, the row says "n/a (convention not available)".
 
-Run: ``python benchmarks/bench_reference.py [--quick] [--train-steps S]``; ``--quick``: 10 FNN and 4 VGG inputs.
+Run: ``python benchmarks/bench_reference.py [--quick] [--train-steps S] [--cases fnn vgg]``; ``--quick``: 10 FNN and
+4 VGG inputs.
 """
 
 from __future__ import annotations
@@ -337,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both sides (default 1: on a shared 2-core machine two threads per "
                         "process oversubscribe and LAPACK calls slow down up to 100x)")
+    p.add_argument("--cases", nargs="+", choices=("fnn", "vgg"), default=("fnn", "vgg"),
+                   help="which of the authors' models to run (default both)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     if args.device not in (None, "cpu"):
@@ -349,7 +352,8 @@ def main(argv=None) -> int:
     print(load_line() + " (before)")
     peak, how = conv_peak_gflops(args.quick, repeat)
     print(f"fp32 conv peak: {peak:.3g} GFLOP/s ({how})")
-    rows = bench_case("fnn", n_fnn, steps, repeat, peak) + bench_case("vgg", n_vgg, steps, repeat, peak)
+    rows = [r for case, n in (("fnn", n_fnn), ("vgg", n_vgg)) if case in args.cases
+            for r in bench_case(case, n, steps, repeat, peak)]
     print_table(rows, f"vs the authors' algorithm (one input at a time), float32 timings, {steps} SGD steps; "
                       "maxrel: values, fp64 run and fp32 run")
     print(load_line() + " (after)")
