@@ -36,12 +36,14 @@ def test_profiles_build_the_issue_sweeps():
     assert len({config_key(c) for c in cpu}) == 10
     c = exp.configs("smoke", iterations="40", seeds=2.0)  # papermill strings and floats
     assert c[0].iterations == 40 and len(c) == 10
-    # cpu matches budgets: lr 0.05 gets 2x, batch 8 2.5x the reference (0.1, 20)'s steps; paper is equal
+    # cpu: each setting past its loss minimum (lr 0.05 2x, batch 8 5x the reference (0.1, 20)'s steps); paper equal
     steps = {(c.lr, c.batch_size): c.iterations for c in cpu}
-    assert steps == {(0.05, 20): 10_000, (0.1, 20): 5000, (0.2, 20): 5000, (0.1, 8): 12_500, (0.1, 32): 5000}
+    assert steps == {(0.05, 20): 10_000, (0.1, 20): 5000, (0.2, 20): 5000, (0.1, 8): 25_000, (0.1, 32): 5000}
     assert {c.iterations for c in paper} == {750_000}
     assert {c.iterations for c in exp.configs("cpu", budget="equal")} == {5000}
-    assert {c.iterations for c in exp.configs("cpu", iterations=100)} == {100, 200, 250}
+    assert {c.iterations for c in exp.configs("cpu", budget="matched", iterations=100)} == {100, 200, 250}
+    assert {c.iterations for c in exp.configs("cpu", iterations=100)} == {100, 200, 500}
+    assert exp.setting_iterations(100, 0.1, 4, "past_minimum") == 500  # not in the table: "matched"'s 20 / 4
     assert exp.setting_iterations(7, 0.1, 20, "matched") == 7 and exp.setting_iterations(7, 0.1, 6, "matched") == 24
     with pytest.raises(ValueError, match="budget"):
         exp.configs("cpu", budget="longest")
