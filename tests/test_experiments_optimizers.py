@@ -51,6 +51,8 @@ def test_optimizer_args_are_validated_keyed_only_when_set_and_reach_the_optimize
         with_overrides(base, optimizer="adam", optimizer_args=[["lr", 0.1]])
     with pytest.raises(ValueError, match="must be finite"):
         with_overrides(base, optimizer="entropy_sgd", optimizer_args=[["gamma", float("nan")]])
+    with pytest.raises(ValueError, match=r"optimizer_args entry \('L', 'five'\) must be a \(name, number\) pair"):
+        A.AttackTrainConfig(optimizer="entropy_sgd", optimizer_args=(("L", "five"),))
     with pytest.raises(ValueError, match="twice"):
         with_overrides(base, optimizer="entropy_sgd", optimizer_args=[["L", 5], ["L", 6]])
     seen = {}

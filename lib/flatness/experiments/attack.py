@@ -108,7 +108,12 @@ class AttackTrainConfig(RunConfig):
             return
         allowed = sorted(k for k in optimizer_defaults(self.optimizer) if k != "lr")
         names = [name for name, _ in self.optimizer_args]
-        for name, value in self.optimizer_args:
+        for pair in self.optimizer_args:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)):
+                raise ValueError(f"{where}: optimizer_args entry {pair!r} must be a (name, number) pair, e.g. "
+                                 f"('L', 5)")
+            name, value = pair
             if name not in allowed:
                 raise ValueError(f"{where}: optimizer_args name {name!r} is not a hyper-parameter of optimizer="
                                  f"{self.optimizer!r}; allowed names are {allowed} (lr is the lr field)")
