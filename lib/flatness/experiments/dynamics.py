@@ -158,8 +158,11 @@ def setting_iterations(iterations: int, lr: float, batch_size: int, budget: str 
     lr_ref, bs_ref = REFERENCE_SETTING
     scale = max(1.0, lr_ref / lr, bs_ref / batch_size)
     if budget == "past_minimum":
-        scale = next((v for (l, b), v in PAST_MINIMUM_SCALE.items() if math.isclose(l, lr) and b == batch_size), scale)
+        scale = next((v for (lr_s, bs_s), v in PAST_MINIMUM_SCALE.items()
+                      if math.isclose(lr_s, lr) and bs_s == batch_size), scale)
     return int(math.ceil(iterations * scale - 1e-9))
+
+
 _FIELDS = {f for f in DynamicsConfig.__dataclass_fields__}
 
 

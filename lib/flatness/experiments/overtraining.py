@@ -682,7 +682,7 @@ def claim_function_constant(run: pd.DataFrame, window: int = 400) -> dict:
     run = run.sort_values("epoch")
     E = _rescale_epoch(run)
     fit = zero_error_epoch(run)
-    if fit is None or not len(run):
+    if fit is None:
         return {"changes": -1, "window": (None, None), "sharpness_zero": math.nan, "sharpness_pre_rescale": math.nan,
                 "ratio": math.nan, "constant_after": None, "log10_prior_range": math.nan, "holds": False,
                 "reason": _NO_ZERO}
