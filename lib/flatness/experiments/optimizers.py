@@ -72,14 +72,16 @@ _S4_OPTIMIZERS = ("sgd", "adam")  # at least these get log_top50 (every MNIST FC
 #: cpu budget (measured per run on one thread, training + measurements, MNIST |S| = 500): SGD 9-15 s, Adam and
 #: momentum and RMSProp 8-10 s, Adagrad 12-14 s, full-batch GD 35 s at |A| = 0 (1,653 epochs) and 75 s at
 #: |A| = 100 (2,735 epochs; 3,000 epochs were not enough at |A| >= 200), Entropy-SGD (L = 20 SGLD steps per
-#: step) 100 s at |A| = 0 and 320 s at |A| = 500 (270-400 epochs; 2 of 5 runs needed more than 400); CIFAR FCN
-#: ~25 s (Adam ~60 s); small ResNet 70-110 s. Entropy-SGD's cost is intrinsic: with L = 5 (the sheet's other
-#: value) x moves about a quarter as far per step, so it needs about as many gradient evaluations. Hence at cpu:
-#: Entropy-SGD at 4 of SGD's |A| values (so that the claims compare at equal |A|), 1 draw, capped at 600 epochs;
-#: Adagrad, momentum and RMSProp 1 draw, capped at 1,000 epochs, MNIST at every |A| and CIFAR FCN at |A| in
-#: {0, 250, 500} (momentum hit the cap at CIFAR |A| = 500 in a first try, 80 s); GD 4 runs at |A| <= 150 capped at
-#: 4,000 epochs, MNIST only, and Entropy-SGD MNIST only (CIFAR FCN: ~3 s an Entropy-SGD epoch, ~15 min a run); CIFAR FCN Adam 3 sizes x 2 draws capped at 1,000 epochs (one run at |A| = 500 was still short of zero
-#: error after more than 20 minutes uncapped; the others needed 129-182 epochs); ResNet + Adam 2 runs.
+#: step) 100 s at |A| = 0 and 320-360 s at |A| = 500 (205-583 epochs); CIFAR FCN ~25 s (Adam ~60 s); small ResNet
+#: 70-110 s. Entropy-SGD with L = 5 (the sheet's other value) should be no cheaper: by the update rule x moves
+#: about a quarter as far per step (not measured). Hence at cpu:
+#: - Entropy-SGD: MNIST only, at 4 of SGD's |A| values (the claims compare at equal |A|), 1 draw, capped at 600
+#:   epochs (CIFAR FCN: ~3 s an Entropy-SGD epoch, ~15 min a run);
+#: - Adagrad, momentum, RMSProp: 1 draw, capped at 1,000 epochs, MNIST at every |A| and CIFAR FCN at |A| in
+#:   {0, 250, 500} (momentum reaches the cap on CIFAR at |A| = 0 and 500);
+#: - GD: MNIST only, 4 runs at |A| <= 150, capped at 4,000 epochs;
+#: - Adam: CIFAR FCN 3 sizes x 2 draws capped at 1,000 epochs (one run at |A| = 500 was still short of zero error
+#:   after more than 20 minutes uncapped; the others needed 129-182 epochs); ResNet 2 runs.
 _CIFAR_S18 = dict(attacks=(0, 250, 500), draws=1, max_epochs=1000)  # cpu: Fig. S18's CIFAR panel, thinned
 #: k of the Fig. S4 top-k log product per profile (smoke: 5, so the eigensolver takes ~0.1 s, not ~1 s)
 TOP_K = {"smoke": 5, "cpu": 50, "paper": 50}
