@@ -72,7 +72,7 @@ _S4_OPTIMIZERS = ("sgd", "adam")  # at least these get log_top50 (every MNIST FC
 #: cpu budget (measured per run on one thread, training + measurements, MNIST |S| = 500): SGD 9-15 s, Adam and
 #: momentum and RMSProp 8-10 s, Adagrad 12-14 s, full-batch GD 35 s at |A| = 0 (1,653 epochs) and 75 s at
 #: |A| = 100 (2,735 epochs; 3,000 epochs were not enough at |A| >= 200), Entropy-SGD (L = 20 SGLD steps per
-#: step) 100 s at |A| = 0 and 320-360 s at |A| = 500 (205-583 epochs); CIFAR FCN ~25 s (Adam ~60 s); small ResNet
+#: step) 100 s at |A| = 0 and 320-360 s at |A| = 500, 205-583 epochs; CIFAR FCN ~25 s (Adam ~60 s); small ResNet
 #: 70-110 s. Entropy-SGD with L = 5 (the sheet's other value) should be no cheaper: by the update rule x moves
 #: about a quarter as far per step (not measured). Hence at cpu:
 #: - Entropy-SGD: MNIST only, at 4 of SGD's |A| values (the claims compare at equal |A|), 1 draw, capped at 600
