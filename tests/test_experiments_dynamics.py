@@ -232,6 +232,10 @@ def test_claim_results_hold_on_the_synthetic_runs_and_fail_when_one_run_rises():
     assert res["late_decline_mls"]["n"] == 10 and res["late_decline_mls"]["value"] < 0
     for c in res.values():  # each is a valid claims.record call
         inspect.signature(claims.record).bind("05_test", profile="smoke", **c)
+    given = exp.claim_results(df, spearman=exp.late_phase_spearman(df, loss_factor=1, n_boot=200),
+                              final=exp.final_values(df))  # the notebook's tables, not recomputed
+    assert [(c["claim"], c["value"], c["holds"]) for c in given] == [(c["claim"], c["value"], c["holds"])
+                                                                     for c in res.values()]
     # one run whose sharpness keeps rising after the loss minimum breaks "in every run" (and only that claim)
     bad = df.copy()
     one = bad["run"] == bad["run"].iloc[0]

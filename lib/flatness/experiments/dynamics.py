@@ -479,7 +479,8 @@ _DECLINE = (("sqrt_trace_h", "sqrt(Tr H)"), ("mls", "MLS"), ("log_volume_top3", 
 
 
 def claim_results(df: pd.DataFrame, *, loss_factor: float = 10.0, final_frac: float = 0.1,
-                  n_boot: int = 2000) -> list[dict]:
+                  n_boot: int = 2000, spearman: pd.DataFrame | None = None,
+                  final: pd.DataFrame | None = None) -> list[dict]:
     """Issue 12's claims, measured: keyword arguments for :func:`flatness.claims.record` (without ``notebook``
     and ``profile``).
 
@@ -490,8 +491,12 @@ def claim_results(df: pd.DataFrame, *, loss_factor: float = 10.0, final_frac: fl
        (:func:`final_values`) ordered 0.05 > 0.1 > 0.2 along lr (batch 20) and 8 < 20 < 32 along the batch (lr
        0.1); the statistic is the smallest gap in the expected direction (> 0 when the order holds), no interval.
     The local dimensionality is not a claim (the paper finds it behaves independently).
+
+    ``spearman`` / ``final``: :func:`late_phase_spearman` (over at least these metrics) and :func:`final_values`
+    of ``df`` when the caller already has them (computed here otherwise, with ``loss_factor`` and ``final_frac``).
     """
-    sp = late_phase_spearman(df, tuple(m for m, _ in _DECLINE), loss_factor=loss_factor, n_boot=n_boot)
+    sp = (late_phase_spearman(df, tuple(m for m, _ in _DECLINE), loss_factor=loss_factor, n_boot=n_boot)
+          if spearman is None else spearman)
     n_runs = _runs(df)["run"].nunique()
     out = []
     for metric, name in _DECLINE:
@@ -505,7 +510,7 @@ def claim_results(df: pd.DataFrame, *, loss_factor: float = 10.0, final_frac: fl
                         expected="< 0 in every run", holds=ok, n=int(len(s)), figure="05_late_phase_trajectories",
                         paper_ref="Chen et al. 2023, Figs. 1-2",
                         text=f"After the loss minimum, {name} decreases, in every run"))
-    final = final_values(df, frac=final_frac)
+    final = final_values(df, frac=final_frac) if final is None else final
     for metric, name in _DECLINE[:2]:
         o_lr = ordering(final, "lr", metric, decreasing=True)  # 0.05 > 0.1 > 0.2
         o_bs = ordering(final, "batch_size", metric, decreasing=False)  # 8 < 20 < 32
