@@ -226,6 +226,8 @@ def test_adversarial_mls_sigmoid_and_authors_variant():
     assert (r <= lip / 4).all()
     ra = adversarial_mls(model, x, n_steps=10, variant="authors")
     assert ra.shape == (4,) and torch.isfinite(ra).all()
+    # the ascent differentiates w.r.t. the perturbation only: no gradient is left on the model's parameters
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_normalized_mls_closed_form():

@@ -379,6 +379,31 @@ def _conv1d_net():
                          nn.Linear(9, 2)).to(F64)
 
 
+class _DeadBranch(nn.Module):
+    """A conv branch computed but unused (its layer-output gradients are ``None``: zero norms), next to
+    a used one; the unused convs take both paths (per-example weight gradients formed, and the ghost norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)  # P = 36, D = 9, C = 2: direct
+        self.conv2 = nn.Conv2d(2, 8, 3, stride=3)  # P = 4, D = 18, C = 8: ghost
+        self.used = nn.Conv2d(1, 2, 3, padding=1)
+        self.lin = nn.Linear(72, 2)
+
+    def forward(self, x):
+        self.dead = self.conv2(torch.tanh(self.conv(x)))
+        return self.lin(torch.tanh(self.used(x)).flatten(1))
+
+
+def test_factorised_norms_of_a_layer_the_outputs_do_not_depend_on():
+    torch.manual_seed(3)
+    net = _DeadBranch().to(F64)
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(4), dtype=F64)
+    ref = jacobian_rows(net, x).pow(2).sum((1, 2))
+    torch.testing.assert_close(per_example_grad_norms_sq(net, x), ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(per_example_grad_norms_sq(net, x, chunk_size=3), ref, rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize("make,shape", [(_conv_net, (5, 2, 7, 7)), (_conv1d_net, (6, 2, 5)),
                                         (lambda: _Tokens().to(F64), (4, 5, 4))])
 def test_factorised_per_example_norms_match_dense_jacobians(make, shape):

@@ -597,7 +597,10 @@ def _grad_supported(mod: nn.Module) -> bool:
 
 
 def _patches(mod: nn.Module, h: Tensor) -> Tensor:
-    """Conv input ``h`` as patches ``(N, groups, P, D_g)`` (P output positions, D_g = C_in/groups * kernel)."""
+    """Conv input ``h`` as patches ``(N, groups, D_g, P)`` (D_g = C_in/groups * kernel, P output positions).
+
+    ``F.unfold``'s own layout (a view of its output, no copy).
+    """
     if isinstance(mod, nn.Conv1d):
         h = h.unsqueeze(2)
         ks, dil, st = (1, mod.kernel_size[0]), (1, mod.dilation[0]), (1, mod.stride[0])
@@ -607,45 +610,55 @@ def _patches(mod: nn.Module, h: Tensor) -> Tensor:
         pad = (0, 0) if isinstance(mod.padding, str) else mod.padding
     u = F.unfold(h, ks, dilation=dil, padding=pad, stride=st)  # (N, C_in * kernel, P)
     n, dk, p = u.shape
-    return u.reshape(n, mod.groups, dk // mod.groups, p).transpose(2, 3)
+    return u.view(n, mod.groups, dk // mod.groups, p)
 
 
 class _GradSq:
-    """Accumulates :math:`\\sum_j \\lVert \\nabla_{W} f_j(x_i)\\rVert_F^2` (and the bias's) of one layer over outputs j.
+    r"""Per-input :math:`\sum_j \lVert \nabla_W f_j(x_i)\rVert_F^2` and :math:`\sum_j \lVert \nabla_b f_j(x_i)\rVert^2`
+    of one layer, from its input :math:`h` and output gradients :math:`\delta_j = \partial f_j / \partial z`.
 
-    From the layer input :math:`h` and the output gradient :math:`\\delta_j = \\partial f_j / \\partial z`,
-    never from per-example parameter gradients of the whole network:
+    Never from per-example parameter gradients of the whole network (Goodfellow 2015; the ghost norm of
+    Li et al. 2022 for weights shared over positions):
 
-    * Linear on ``(N, features)``: :math:`\\lVert \\delta_j h^\\top\\rVert_F^2 = \\lVert\\delta_j\\rVert^2 \\lVert h\\rVert^2`.
-    * weight shared over P positions (Conv, Linear on ``(N, ..., features)``):
-      :math:`\\nabla_W f_j = \\sum_p \\delta_{j,p} h_p^\\top` (patches :math:`h_p`), either formed directly
-      (a ``(C_out, P) @ (P, D)`` product) or through the ghost-norm identity
-      :math:`\\lVert\\sum_p \\delta_p h_p^\\top\\rVert_F^2 = \\sum_{p,q} (\\delta_p\\cdot\\delta_q)(h_p\\cdot h_q)`
-      (float64 ``P x P`` Gram matrices, the patch Gram shared by the k outputs), whichever costs less.
+    * Linear on ``(N, features)``: :math:`\lVert \delta_j h^\top\rVert_F^2 = \lVert\delta_j\rVert^2 \lVert h\rVert^2`.
+    * weight shared over P positions (Conv, Linear on ``(N, ..., features)``), patches :math:`h_p`:
+      :math:`\nabla_W f_j = \sum_p \delta_{j,p} h_p^\top` and :math:`\nabla_b f_j = \sum_p \delta_{j,p}`, by
+      whichever of two costs less per input (k outputs, :math:`C` output channels, :math:`D` patch size):
+
+      - ``"direct"``: the output gradients of all k outputs are kept, ``(k C, P)``, and the k weight
+        gradients come from one ``(D, P) @ (P, k C)`` product per input at the end (:meth:`totals`):
+        :math:`k C P D` multiply-adds.
+      - ``"ghost"``: :math:`\lVert\sum_p \delta_p h_p^\top\rVert_F^2 = \sum_{p,q} (\delta_p\cdot\delta_q)(h_p\cdot h_q)`,
+        the patch Gram matrix shared by the k outputs: :math:`P^2 D + k P^2 C`.
+
+    Products run in the input's dtype; the squared norms are summed in float64.
     """
 
-    def __init__(self, mod: nn.Module, h: Tensor, k: int):
-        self.mod, self.n = mod, h.shape[0]
+    def __init__(self, mod: nn.Module, h: Tensor, k: int, *, weight: bool = True, bias: bool = True):
+        self.mod, self.n, self.k, self.weight, self.bias = mod, h.shape[0], k, weight, bias
         self.w = torch.zeros(self.n, dtype=torch.float64, device=h.device)
         self.b = torch.zeros_like(self.w)
         if isinstance(mod, nn.Linear) and h.ndim == 2:
             self.kind, self.h2 = "dense", h.to(torch.float64).pow(2).sum(1)
             return
+        self.groups = 1 if isinstance(mod, nn.Linear) else mod.groups
+        self.c_out = (mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels) // self.groups
+        if not weight:
+            self.kind = "bias"
+            return
         if isinstance(mod, nn.Linear):
-            u = h.reshape(self.n, 1, -1, h.shape[-1])  # (N, 1, P, in)
+            u = h.reshape(self.n, 1, -1, h.shape[-1]).mT  # (N, 1, in, P)
         else:
-            u = _patches(mod, h)  # (N, g, P, D_g)
-        self.groups, p, dg = u.shape[1], u.shape[2], u.shape[3]
-        c_out = (mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels) // self.groups
-        direct, ghost = c_out * p * dg, 2 * (p * p * c_out + p * p * dg / k)  # per (input, output), float64 x2
-        if ghost < direct:
-            u64 = u.to(torch.float64)
-            self.kind, self.hh = "ghost", u64 @ u64.mT  # (N, g, P, P)
+            u = _patches(mod, h)  # (N, g, D_g, P)
+        dg, p = u.shape[2], u.shape[3]
+        if p * p * dg + k * p * p * self.c_out < k * self.c_out * p * dg:
+            self.kind, self.hh = "ghost", u.mT @ u  # (N, g, P, P)
         else:
-            self.kind, self.u = "direct", u
+            self.kind, self.u, self.added = "direct", u, set()
+            self.buf = torch.empty(self.n, self.groups, k, self.c_out, p, dtype=h.dtype, device=h.device)
 
-    def add(self, delta: Tensor) -> None:
-        """Add output j's term; ``delta`` is :math:`\\partial f_j/\\partial z` ``(N, *out_shape)``."""
+    def add(self, j: int, delta: Tensor) -> None:
+        """Add output ``j``'s term; ``delta`` is :math:`\partial f_j/\partial z` ``(N, *out_shape)``."""
         n = self.n
         if self.kind == "dense":
             d2 = delta.to(torch.float64).pow(2).sum(1)
@@ -653,15 +666,28 @@ class _GradSq:
             self.b += d2
             return
         if isinstance(self.mod, nn.Linear):
-            dl = delta.reshape(n, 1, -1, delta.shape[-1]).transpose(2, 3)  # (N, 1, out, P)
+            dl = delta.reshape(n, 1, -1, delta.shape[-1]).mT  # (N, 1, out, P)
         else:
-            dl = delta.reshape(n, self.groups, delta.shape[1] // self.groups, -1)  # (N, g, C_out/g, P)
-        self.b += dl.sum(3).to(torch.float64).pow(2).sum((1, 2))
+            dl = delta.reshape(n, self.groups, self.c_out, -1)  # (N, g, C_out/g, P)
+        if self.bias:
+            self.b += dl.sum(3).to(torch.float64).pow(2).sum((1, 2))
         if self.kind == "direct":
-            self.w += (dl @ self.u).to(torch.float64).pow(2).sum((1, 2, 3))
-        else:
-            d64 = dl.to(torch.float64)
-            self.w += ((d64.mT @ d64) * self.hh).sum((1, 2, 3))
+            self.buf[:, :, j].copy_(dl)
+            self.added.add(j)
+        elif self.kind == "ghost":
+            self.w += ((dl.mT @ dl) * self.hh).sum((1, 2, 3)).to(torch.float64)
+
+    def totals(self) -> tuple[Tensor, Tensor]:
+        """``(weight, bias)`` terms ``(N,)`` float64 (zeros for a part not asked for); call after every ``add``."""
+        if self.kind == "direct":
+            for j in set(range(self.k)) - self.added:  # outputs that do not depend on this layer
+                self.buf[:, :, j].zero_()
+            grads = self.u @ self.buf.flatten(2, 3).mT  # (N, g, D_g, k C_out): all k weight gradients
+            self.w += torch.linalg.vector_norm(grads.flatten(1), dim=1).to(torch.float64).pow(2)
+            del self.buf, self.u
+            self.kind = "done"
+        return (self.w if self.weight else torch.zeros_like(self.w),
+                self.b if self.bias else torch.zeros_like(self.b))
 
 
 @dataclass
@@ -698,7 +724,7 @@ def _pass_terms(fn: str, model: nn.Module, x: Tensor, *, gram_layers=(), grad_la
         grad_layers.insert(0, x_factored)
     dims = {nm: inputs1[nm][0].numel() for nm in gram_layers}
     per_ex = (2 * _activation_numel(model, x[:1]) + 2 * k * sum(dims.values())
-              + sum(2 * math.prod(out_shapes[nm]) + 4 * inputs1[nm][0].numel() * 9 for nm in grad_layers))
+              + sum((2 + k) * math.prod(out_shapes[nm]) + 4 * inputs1[nm][0].numel() * 9 for nm in grad_layers))
     n = x.shape[0]
     size = _chunk(chunk_size, n, per_ex)
     eps = torch.finfo(x.dtype).eps
@@ -731,7 +757,7 @@ def _pass_terms(fn: str, model: nn.Module, x: Tensor, *, gram_layers=(), grad_la
                 if kind == "in":
                     rows[nm][:, j] = g.reshape(nc, -1)
                 else:
-                    acc[nm].add(g)
+                    acc[nm].add(j, g)
                     if nm == x_factored:
                         rows["x"][:, j] = g
         for nm, r in rows.items():
@@ -743,9 +769,10 @@ def _pass_terms(fn: str, model: nn.Module, x: Tensor, *, gram_layers=(), grad_la
             parts.setdefault(f"lam:{nm}", []).append(lam.cpu())
             parts.setdefault(f"fro2:{nm}", []).append(fro2.cpu())
         for nm, a in acc.items():
-            parts.setdefault(f"g:{_param_name(nm, 'weight')}", []).append(a.w.cpu())
+            w_sq, b_sq = a.totals()
+            parts.setdefault(f"g:{_param_name(nm, 'weight')}", []).append(w_sq.cpu())
             if layers[nm].bias is not None:
-                parts.setdefault(f"g:{_param_name(nm, 'bias')}", []).append(a.b.cpu())
+                parts.setdefault(f"g:{_param_name(nm, 'bias')}", []).append(b_sq.cpu())
         for nm in layers:
             parts.setdefault(f"h:{nm}", []).append(inputs[nm].reshape(nc, -1).to(torch.float64).norm(dim=1).cpu())
     for key, v in parts.items():

@@ -31,7 +31,7 @@ from torch.func import jacrev, vmap
 from torch.overrides import TorchFunctionMode
 
 from ._checks import check_choice, check_data, check_finite, check_int, check_positive
-from ._functional import _check_batch_size, _check_inputs, _check_loss, _chunks, _FunctionalModel, _grads
+from ._functional import _check_batch_size, _check_inputs, _check_loss, _chunks, _FunctionalModel, _grads, _GradSq
 
 __all__ = [
     "HessianOperator", "EigenResult", "TraceEstimate",
@@ -640,65 +640,6 @@ def _capture(mods: dict[str, nn.Module], store: dict[str, list]):
     return [m.register_forward_hook(hook(n)) for n, m in mods.items()]
 
 
-def _unfold(mod: nn.Module, h: Tensor) -> Tensor:
-    """Layer input as ``(B, P, D_in)`` rows, one per output position (Linear: the leading dims after B)."""
-    if isinstance(mod, nn.Linear):
-        return h.reshape(h.shape[0], -1, h.shape[-1])
-    if isinstance(mod, nn.Conv1d):
-        cols = torch.nn.functional.unfold(h.unsqueeze(2), (1, mod.kernel_size[0]), dilation=(1, mod.dilation[0]),
-                                          padding=(0, mod.padding[0]), stride=(1, mod.stride[0]))
-    else:
-        cols = torch.nn.functional.unfold(h, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
-                                          stride=mod.stride)
-    return cols.transpose(1, 2)  # (B, P, C_in * prod(kernel))
-
-
-class _LayerNorms:
-    r"""Per-example :math:`\sum_j \lVert \nabla_W f_j \rVert_F^2 + \lVert \nabla_b f_j \rVert^2` of one layer,
-    accumulated one output :math:`j` at a time from the layer's input and output gradient.
-
-    With rows :math:`h_p` (the input patches, one per output position :math:`p`) and
-    :math:`\delta_p = \partial f_j / \partial z_p`, :math:`\nabla_W f_j = \sum_p \delta_p h_p^\top`, so
-    :math:`\lVert\nabla_W f_j\rVert_F^2 = \lVert\delta\rVert^2 \lVert h\rVert^2` for one position (a Linear layer on
-    ``(N, D)`` inputs) and :math:`\sum_{p,q} (\delta_p\cdot\delta_q)(h_p\cdot h_q)` in general (the ghost norm,
-    used when :math:`P^2 (I + O) < P I O`, else :math:`\nabla_W f_j` is formed per example, ``(O, I)``);
-    :math:`\nabla_b f_j = \sum_p \delta_p`. The input side (patches, their Gram matrix or squared norms) is
-    computed once and reused for every output.
-    """
-
-    def __init__(self, mod: nn.Module, h: Tensor, weight: bool, bias: bool):
-        self.mod, self.weight, self.bias = mod, weight, bias
-        H = _unfold(mod, h)  # (B, P, I)
-        self.B, self.P, I = H.shape
-        O = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-        self.mode = "one" if self.P == 1 else ("ghost" if self.P * (I + O) < I * O else "direct")
-        if self.mode == "one":
-            self.H = H.pow(2).sum((1, 2))  # (B,)
-        elif self.mode == "ghost":
-            self.H = H @ H.transpose(1, 2)  # (B, P, P)
-        else:
-            self.H = H
-        self.total = torch.zeros(self.B, dtype=H.dtype, device=H.device)
-
-    def add(self, d: Tensor) -> None:
-        """Add the contributions of ``d``, the output gradients ``(K, B, ...)`` of ``K`` outputs."""
-        K = d.shape[0]
-        if isinstance(self.mod, nn.Linear):
-            D = d.reshape(K, self.B, -1, d.shape[-1]).transpose(0, 1)  # (B, K, P, O)
-        else:
-            D = d.reshape(K, self.B, d.shape[2], -1).transpose(0, 1).transpose(2, 3)  # (B, K, P, O)
-        if self.weight:
-            if self.mode == "one":
-                self.total += D.pow(2).sum((1, 2, 3)) * self.H
-            elif self.mode == "ghost":
-                self.total += ((D @ D.transpose(2, 3)) * self.H[:, None]).sum((1, 2, 3))
-            else:  # (B, K O, P) @ (B, P, I): the per-example, per-output weight gradients, one batched product
-                Dt = D.transpose(2, 3).reshape(self.B, -1, self.P)
-                self.total += (Dt @ self.H).pow(2).sum((1, 2))
-        if self.bias:
-            self.total += D.sum(2).pow(2).sum((1, 2))
-
-
 def _grad_norms_sq(fn: str, model: nn.Module, x: Tensor, params=None, *, chunk_size: int | None = None,
                    dtype: torch.dtype | None = None, device=None, eval_mode: bool = True, method: str = "auto",
                    loss_fn: Callable | None = None, y: Tensor | None = None) -> Tensor:
@@ -771,30 +712,20 @@ def _grad_norms_sq(fn: str, model: nn.Module, x: Tensor, params=None, *, chunk_s
                     hd.remove()
             names = [n for n in fast if store[n][0][1].requires_grad]
             zs = [store[n][0][1] for n in names]
-            acc = [_LayerNorms(fast[n], store[n][0][0], f"{pre[n]}weight" in fast_names,
-                               f"{pre[n]}bias" in fast_names) for n in names]
+            acc = [_GradSq(fast[n], store[n][0][0], k, weight=f"{pre[n]}weight" in fast_names,
+                           bias=f"{pre[n]}bias" in fast_names) for n in names]
             store.clear()
-            # output gradients of all k outputs, written in place as (K, B, ...) per layer, then one batched
-            # product per layer; Linear layers on (B, D) inputs need no buffer: their norm is
-            # ||delta||^2 ||h||^2, accumulated output by output
-            bufs = [None if a_.mode == "one" else torch.empty((k, *z.shape), dtype=z.dtype, device=z.device)
-                    for a_, z in zip(acc, zs)]
+            # per output j, one backward pass to the layer outputs; each layer keeps what it needs of
+            # d f_j / d z (flatness._functional._GradSq: ||delta||^2 ||h||^2, the ghost norm, or the gradients
+            # of all k outputs for one product per example at the end)
             for j in range(k):
                 deltas = torch.autograd.grad(o[:, j].sum(), zs, retain_graph=j < k - 1, allow_unused=True)
-                for a_, buf, d in zip(acc, bufs, deltas):
-                    if buf is None:
-                        if d is not None:
-                            a_.add(d[None])
-                    elif d is None:
-                        buf[j].zero_()
-                    else:
-                        buf[j].copy_(d)
-            for a_, buf in zip(acc, bufs):
-                if buf is not None:
-                    a_.add(buf)
-            del bufs
+                for a_, d in zip(acc, deltas):
+                    if d is not None:
+                        a_.add(j, d)
             for a_ in acc:
-                g = g + a_.total
+                w_sq, b_sq = a_.totals()
+                g = g + (w_sq + b_sq).to(g.dtype)
             del o, zs, acc, deltas
         if rest:
             J = jac({n: fm.params[n] for n in rest}, xc)  # name -> (B, K, *shape)
@@ -827,8 +758,8 @@ def per_example_grad_norms_sq(model: nn.Module, x: Tensor, params=None, *, chunk
     :math:`\lVert\delta_j\rVert^2 \lVert h\rVert^2`), so one forward pass and, per output :math:`j`, one
     backward pass of :math:`\sum_i f_j(x_i)` down to the layer outputs (batched over the examples) suffice; no
     per-example parameter gradient is formed for Linear layers on ``(N, D)`` inputs, and for convolutions
-    the cheaper of the ghost norm (:math:`P^2 (I + O)`) and the per-example weight gradient (:math:`P I O`)
-    is used. This assumes that
+    the cheaper of the ghost norm (:math:`P^2 I + k P^2 O`, the patch Gram matrix shared by the k outputs)
+    and the k per-example weight gradients (:math:`k P I O`, one product per example) is used. This assumes that
     examples do not interact within a batch (true in eval mode; with ``eval_mode=False`` and batch-norm in
     training mode the generic path is used). Every other parameter (norm layers, attention projections used
     functionally, tied weights) uses ``vmap(jacrev)`` per-example Jacobians, as ``method="vmap"`` does for all.
