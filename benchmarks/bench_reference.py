@@ -243,14 +243,16 @@ SPECS = {
 
 # ------------------------------------------------------------------------------------ backprop floor
 def _floor_passes(label: str, model: torch.nn.Module, x: torch.Tensor, k: int) -> Callable[[], None]:
-    """The passes any exact batched method of ``label`` has to run, and nothing else (a lower bound on its time).
+    """The forward and backward passes of ``label``'s batched algorithm alone, nothing else.
 
     One forward of the whole batch and, per output, one backward pass of the batch-summed output (vectorised
     over the inputs) to the tensors the quantity is a function of: the input (``local_metrics``,
     ``network_mls``; every layer input lies on the way), every Linear/Conv layer output (the per-example
     weight-gradient norms of ``hessian_trace``) or both (the bounds). ``adversarial_mls``: its 30 evaluations,
     each a forward and one backward to the perturbed input (29 of them). No Jacobian is stored, no norm,
-    product or eigenvalue is computed.
+    product or eigenvalue is computed. Any exact method that backpropagates every output runs at least
+    these passes; ours run them (on a Linear first layer the input passes stop one layer earlier, so the FNN
+    rows can come below them).
     """
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     to_input = label in ("local_metrics", "network_mls", "mls_bound_chain", "nmls_bound", "adversarial_mls")

@@ -11,6 +11,7 @@ from torch.autograd.functional import jacobian
 from torch.func import functional_call, hessian
 
 from flatness.bounds import lvr_bound, mls_bound_chain, nmls_bound
+from flatness.compression import network_mls
 from flatness.losses import half_mse
 from flatness.models import FCN, SmallVGG
 
@@ -356,3 +357,26 @@ def test_options_keep_the_chains(seed, one_thread):
     lv = lvr_bound(model, x, trace_hessian=tr, top_k=1)
     terms = [lv.log_lhs, lv.log_amgm_top, lv.log_amgm, lv.log_partial, lv.log_partial_mean, lv.log_rhs]
     assert lv.r == 1 and all(leq(a, b) for a, b in zip(terms, terms[1:])), lv.as_dict()
+
+
+class _DeadLayer(nn.Module):
+    """A Linear layer called on x but not used by the output: zero Jacobians and zero weight gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.dead, self.b = nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(5, 3)
+
+    def forward(self, x):
+        self.unused = self.dead(x)
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_layer_the_outputs_do_not_depend_on(one_thread):
+    torch.manual_seed(45)
+    model, x = _DeadLayer().double(), torch.randn(4, 6, dtype=torch.float64)
+    per_layer = network_mls(model, x, per_layer=True)
+    assert torch.equal(per_layer["dead"], torch.zeros(4, dtype=torch.float64))
+    nb = nmls_bound(model, x)
+    assert torch.equal(nb.sigma[:, 0], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(nb.grad_w_norm[:, 0], torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(nb.sigma[:, 1:], torch.stack([per_layer["a"], per_layer["b"]], 1), rtol=1e-12, atol=0)

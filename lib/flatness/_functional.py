@@ -471,13 +471,15 @@ def _jacobians(fn: Callable[[dict[str, Tensor]], Tensor], inputs: dict[str, Tens
         with torch.enable_grad():
             out = fn(leaves)
             k = out.shape[1]
-            jac = {nm: torch.zeros(n, k, t[0].numel(), dtype=torch.float64, device=t.device)
+            jac = {nm: torch.empty(n, k, t[0].numel(), dtype=torch.float64, device=t.device)
                    for nm, t in leaves.items()}
             for j in range(k):
                 grads = torch.autograd.grad(out[:, j].sum(), [leaves[nm] for nm in names],
                                             retain_graph=j < k - 1, allow_unused=True)
                 for nm, g in zip(names, grads):
-                    if g is not None:
+                    if g is None:  # output j does not depend on this input
+                        jac[nm][:, j].zero_()
+                    else:
                         jac[nm][:, j].view(g.shape).copy_(g)
         return jac
     (nm,) = names  # forward mode: tangent e_j (same coordinate for every example) gives column j of every J_i
@@ -743,17 +745,21 @@ def _pass_terms(fn: str, model: nn.Module, x: Tensor, *, gram_layers=(), grad_la
             out = probes.call(f, xc, leaves)
         inputs = probes.inputs
         acc = {nm: _GradSq(layers[nm], inputs[nm], k) for nm in grad_layers}
-        rows = {nm: torch.zeros(nc, k, dims[nm], dtype=torch.float64, device=xc.device) for nm in gram_layers}
+        rows = {nm: torch.empty(nc, k, dims[nm], dtype=torch.float64, device=xc.device) for nm in gram_layers}
         if x_factored is not None:
-            rows["x"] = torch.zeros(nc, k, layers[x_factored].out_features, dtype=torch.float64, device=xc.device)
+            rows["x"] = torch.empty(nc, k, layers[x_factored].out_features, dtype=torch.float64, device=xc.device)
         keys = list(leaves)
         for j in range(k):
             grads = torch.autograd.grad(out[:, j].sum(), [leaves[key] for key in keys], retain_graph=j < k - 1,
                                         allow_unused=True)
             for key, g in zip(keys, grads):
-                if g is None:
-                    continue
                 kind, nm = key.split(":", 1)
+                if g is None:  # output j does not depend on this layer: zero rows, no weight-gradient term
+                    if kind == "in":
+                        rows[nm][:, j].zero_()
+                    elif nm == x_factored:
+                        rows["x"][:, j].zero_()
+                    continue
                 if kind == "in":
                     rows[nm][:, j] = g.reshape(nc, -1)
                 else:
