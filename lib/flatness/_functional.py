@@ -633,7 +633,7 @@ class _GradSq:
       - ``"ghost"``: :math:`\lVert\sum_p \delta_p h_p^\top\rVert_F^2 = \sum_{p,q} (\delta_p\cdot\delta_q)(h_p\cdot h_q)`,
         the patch Gram matrix shared by the k outputs: :math:`P^2 D + k P^2 C`.
 
-    Products run in the input's dtype; the squared norms are summed in float64.
+    Products and each output's sums run in the input's dtype; the sums over outputs accumulate in float64.
     """
 
     def __init__(self, mod: nn.Module, h: Tensor, k: int, *, weight: bool = True, bias: bool = True):
